@@ -1,0 +1,96 @@
+"""Float64 ground truth, written independently of the package (SPEC §1-§3).
+
+Everything is computed in float64 from the very values a kernel reads
+(bf16/fp16 inputs upcast exactly), in log space so that no probability
+underflows; zero-probability terms contribute 0.
+
+The gradient is autograd's, in float64, with one correction: each loss is
+invariant to adding a constant to a row of logits, so each gradient row sums
+to zero. Where one token dominates a distribution, autograd's value there is
+a difference of nearly equal numbers (q_k (D_k - E[D]) with q_k ~ 1), which
+even float64 can lose entirely when the row's gradient is ~1e-30; the truth
+takes that element as minus the sum of the others instead. DRKL applies it
+to its two terms separately: the binary term at the target, the non-target
+term at its most probable token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def _lsm(x):
+    return x - torch.logsumexp(x, -1, keepdim=True)
+
+
+def _softplus(x):
+    """log(1 + exp(x)) in float64, exact in both tails."""
+    return torch.where(x > 0, x + torch.log1p(torch.exp(-x.abs())), torch.log1p(torch.exp(-x.abs())))
+
+
+def _kl(log_a, log_b):
+    a = log_a.exp()
+    return (a * torch.where(a > 0, log_a - log_b, torch.zeros_like(a))).sum(-1)
+
+
+def _terms(kind, s, r, t, gamma):
+    """Per-row loss pieces [(rows, weight, token whose gradient closes the row)]."""
+    if kind == "rkl":
+        return [(_kl(_lsm(s), _lsm(r)), 1.0, s.argmax(-1))]
+    if kind == "fkl":
+        return [(_kl(_lsm(r), _lsm(s)), 1.0, s.argmax(-1))]
+    hit = torch.nn.functional.one_hot(t, s.shape[-1]).bool()
+    s_nt, r_nt = s.masked_fill(hit, NEG_INF), r.masked_fill(hit, NEG_INF)
+    has_tail = (s_nt > NEG_INF).any(-1)
+    # (rows without student tail mass take their log-sum-exp over zeros, then -inf: no NaN in autograd)
+    ls_nt = torch.logsumexp(s_nt.masked_fill(~has_tail[:, None], 0.0), -1).masked_fill(~has_tail, NEG_INF)
+    lr_nt = torch.logsumexp(r_nt, -1)
+    # log q_t = -softplus(Ls' - s_t), log(1 - q_t) = -softplus(s_t - Ls'): both exact when q_t ~ 1 or ~ 0
+    gap_q, gap_p = (s[hit] - ls_nt).unsqueeze(-1), (r[hit] - lr_nt).unsqueeze(-1)
+    binary = _kl(-_softplus(torch.cat([-gap_q, gap_q], -1)), -_softplus(torch.cat([-gap_p, gap_p], -1)))
+    tail = torch.zeros(s.shape[0], dtype=s.dtype)
+    if has_tail.any():
+        tail[has_tail] = _kl(_lsm(s_nt[has_tail]), _lsm(r_nt[has_tail]))
+    return [(binary, 1.0, t), (tail, gamma, s_nt.detach().argmax(-1))]
+
+
+def loss_and_grad(kind, student, teacher, target, *, reduction="mean", upstream=None,
+                  gamma=0.5, temperature=1.0, ignore_index=-100):  # fmt: skip
+    """Float64 reduced loss of ``kind`` in {"fkl", "rkl", "drkl"} and d(loss * upstream)/d(student)."""
+    V = student.shape[-1]
+    z = student.detach().double().reshape(-1, V).requires_grad_(True)
+    s, r = z / temperature, teacher.detach().double().reshape(-1, V) / temperature
+    rows = s.shape[0]
+    valid = torch.ones(rows, dtype=torch.bool) if target is None else target.reshape(-1) != ignore_index
+    if kind == "drkl":
+        t = teacher.reshape(-1, V).argmax(-1) if target is None else torch.where(valid, target.reshape(-1), 0).long()
+    else:
+        t = None
+    # d(loss * upstream)/d(row loss), per row
+    if reduction == "none":
+        weight = torch.ones(rows, dtype=torch.float64) if upstream is None else upstream.double().reshape(-1)
+    else:
+        weight = torch.full((rows,), 1.0 if upstream is None else float(upstream), dtype=torch.float64)
+        if reduction == "mean":
+            weight = weight / valid.sum().clamp(min=1)
+    weight = torch.where(valid, weight, 0.0)
+
+    loss_rows = torch.zeros(rows, dtype=torch.float64)
+    grad = torch.zeros_like(z)
+    for piece, factor, close in _terms(kind, s, r, t, gamma):
+        piece = torch.where(valid, piece, torch.zeros_like(piece))
+        loss_rows = loss_rows + factor * piece.detach()
+        if piece.requires_grad and factor:
+            (g,) = torch.autograd.grad((piece * weight).sum(), z, retain_graph=True)
+            k = close.unsqueeze(-1)
+            g = g.scatter(-1, k, g.gather(-1, k) - g.sum(-1, keepdim=True))
+            grad = grad + factor * g
+    if reduction == "none":
+        loss = loss_rows.reshape(student.shape[:-1])
+    else:
+        loss = loss_rows.sum()
+        if reduction == "mean":
+            loss = loss / valid.sum().clamp(min=1)
+    return loss, grad.reshape(student.shape)
