@@ -30,5 +30,5 @@ class FusedDivergence(torch.autograd.Function):
         if grad is None:
             raise RuntimeError("drkl_kernels losses support one backward per forward (the gradient is computed in forward)")
         upstream = grad_loss.reshape(-1) if ctx.per_row else grad_loss
-        ctx.kernels.scale_grad_(grad, upstream.float())
+        ctx.kernels.scale_grad_(grad, upstream)
         return grad.view(ctx.shape), None, None

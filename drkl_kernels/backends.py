@@ -1,15 +1,24 @@
 """Backend registry: what runs here, and what ``backend="auto"`` picks (SPEC §4).
 
-A kernel backend is an object with ``forward(problem, want_grad)`` returning
-per-row float32 losses and the reduction-scaled gradient, and
-``scale_grad_(grad, upstream)``; ``"reference"`` is autograd over PyTorch.
+A kernel backend is a module with ``forward(problem, want_grad)``, returning
+per-row losses and the reduction-scaled gradient, and ``scale_grad_(grad,
+upstream)``; ``"reference"`` is PyTorch with its own autograd function.
+
+"auto": CUDA tensors use the compiled CUDA kernels if they are built (or
+buildable), else Triton; CPU tensors use the compiled CPU kernels if built
+(or buildable), else Triton under ``TRITON_INTERPRET=1``, else the reference.
+A compiled backend that fails to build makes "auto" fall back with a
+one-time warning.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
+
+from . import extension
 
 BACKENDS = ("auto", "reference", "triton", "cpu", "cuda")
 
@@ -34,21 +43,61 @@ def triton_interpreted() -> bool:
     return isinstance(kernels.divergence_kernel, InterpretedFunction)
 
 
-def _triton_runs_on(device: torch.device) -> str | None:
-    """None when the Triton backend can run tensors of ``device``, else why not."""
-    if _triton() is None:
-        return "triton is not installed"
-    if triton_interpreted() or (device.type == "cuda" and torch.cuda.is_available()):
+def _why_not(name: str, device: torch.device) -> str | None:
+    """None when backend ``name`` can run tensors of ``device``, else the reason."""
+    if name == "reference":
         return None
-    return f"triton runs {device.type} tensors only under TRITON_INTERPRET=1 (CUDA tensors need a GPU)"
+    if name == "triton":
+        if _triton() is None:
+            return "triton is not installed"
+        if triton_interpreted() or (device.type == "cuda" and torch.cuda.is_available()):
+            return None
+        return f"triton runs {device.type} tensors only under TRITON_INTERPRET=1 (CUDA tensors need a GPU)"
+    if name == "cpu":
+        if device.type != "cpu":
+            return f"it runs CPU tensors, not {device.type}"
+        return None if extension.available() else "; ".join(extension.missing_tools())
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "it runs CUDA tensors on a GPU"
+    if not extension.available() or not (extension.cuda_buildable() or _compiled_with_cuda()):
+        return "the CUDA kernels are not built and nvcc or a CUDA build of torch is missing"
+    return None
+
+
+def _compiled_with_cuda() -> bool:
+    module = extension.prebuilt()
+    return module is not None and bool(module.with_cuda())
 
 
 def available_backends() -> list[str]:
-    """Backends usable on this machine (for at least one device)."""
+    """Backends usable on this machine (for at least one device); nothing is built by asking."""
     names = ["reference"]
     if _triton() is not None and (triton_interpreted() or torch.cuda.is_available()):
         names.append("triton")
+    if extension.available():
+        names.append("cpu")
+        if torch.cuda.is_available() and (extension.cuda_buildable() or _compiled_with_cuda()):
+            names.append("cuda")
     return names
+
+
+@functools.cache
+def _warn_fallback(name: str, reason: str, fallback: str) -> None:
+    warnings.warn(f"drkl_kernels: backend '{name}' is unavailable ({reason}); 'auto' uses '{fallback}'", stacklevel=4)
+
+
+def _compiled_or_fallback(name: str, device: torch.device, fallback: str) -> str:
+    reason = _why_not(name, device)
+    if reason is None:
+        try:
+            module = extension.load()
+            if name == "cpu" or module.with_cuda():
+                return name
+            reason = "the compiled module has no CUDA kernels"
+        except extension.BuildError as err:
+            reason = str(err)
+    _warn_fallback(name, reason, fallback)
+    return fallback
 
 
 def resolve(backend: str, device: torch.device) -> str:
@@ -56,18 +105,20 @@ def resolve(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if device.type == "cuda" or triton_interpreted():
-            return "triton" if _triton_runs_on(device) is None else "reference"
-        return "reference"
-    if backend == "triton":
-        reason = _triton_runs_on(device)
-        if reason is not None:
-            raise ValueError(f"backend 'triton' is not available here ({reason}); available: {available_backends()}")
-    elif backend != "reference":
-        raise ValueError(f"backend {backend!r} is not available here; available: {available_backends()}")
+        if device.type == "cuda":
+            return _compiled_or_fallback("cuda", device, "triton" if _why_not("triton", device) is None else "reference")
+        fallback = "triton" if triton_interpreted() else "reference"
+        return _compiled_or_fallback("cpu", device, fallback) if device.type == "cpu" else fallback
+    reason = _why_not(backend, device)
+    if reason is not None:
+        raise ValueError(f"backend {backend!r} is not available here ({reason}); available: {available_backends()}")
     return backend
 
 
 def kernels(name: str):
     """The kernel module of a concrete backend other than "reference"."""
-    return _triton()
+    if name == "triton":
+        return _triton()
+    from . import compiled_kernels
+
+    return compiled_kernels

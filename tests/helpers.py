@@ -19,7 +19,7 @@ GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 LOSSES = {"drkl": dk.drkl_loss, "rkl": dk.rkl_loss, "fkl": dk.fkl_loss}
 
 # Every backend this machine must test; a missing one fails its tests rather than vanishing.
-BACKENDS = ["reference", "triton"] + (["cuda"] if torch.cuda.is_available() else [])
+BACKENDS = ["reference", "triton", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -76,5 +76,5 @@ def test_modules_match_functions():
 
 def test_available_backends():
     names = dk.available_backends()
-    assert "reference" in names and "triton" in names
+    assert "reference" in names and "triton" in names and "cpu" in names
     assert set(names) <= {"reference", "triton", "cpu", "cuda"}
