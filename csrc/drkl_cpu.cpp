@@ -115,14 +115,17 @@ void row_forward(const drkl_args& a, int64_t row) {
       zc[i] = to_acc(z[start + i]);
       uc[i] = to_acc(u[start + i]);
     }
-    const int64_t t_here = t - start;  // the pivot's slot in this chunk (if in [0, n))
+    for (int i = 0; i < n; ++i) gc[i] = grad_at<DIV>(r, zc[i], uc[i], inv);
+    if (t >= start && t < start + n) {  // the pivot: its own gradient, and no part in the top search
+      gc[t - start] = r.g_t;
+      zc[t - start] = neg_inf<A>();
+    }
     A chunk_sum = 0;
     DRKL_SIMD_SUM(chunk_sum)
     for (int i = 0; i < n; ++i) {
-      gc[i] = (i == t_here ? r.g_t : grad_at<DIV>(r, zc[i], uc[i], inv)) + poison;
+      gc[i] += poison;
       chunk_sum += gc[i];
     }
-    if (t_here >= 0 && t_here < n) zc[t_here] = neg_inf<A>();
     for (int i = 0; i < n; ++i)
       if (zc[i] > top_z) {
         top_z = zc[i];

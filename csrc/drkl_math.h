@@ -30,6 +30,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__CUDACC__)
 #define DRKL_HD __host__ __device__ __forceinline__
@@ -37,11 +38,14 @@
 #define DRKL_HD inline
 #endif
 
+// Vectorised reductions on the CPU (OpenMP simd); plain loops on the GPU.
 #if defined(__CUDA_ARCH__) || !defined(_OPENMP)
 #define DRKL_SIMD_SUM(...)
+#define DRKL_SIMD_MAX(...)
 #else
 #define DRKL_PRAGMA(x) _Pragma(#x)
 #define DRKL_SIMD_SUM(...) DRKL_PRAGMA(omp simd reduction(+ : __VA_ARGS__))
+#define DRKL_SIMD_MAX(...) DRKL_PRAGMA(omp simd reduction(max : __VA_ARGS__))
 #endif
 
 namespace drkl {
@@ -61,7 +65,7 @@ DRKL_HD float ex(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
 #else
-  const float xc = fminf(fmaxf(x, -87.33654f), 88.72283f);
+  const float xc = x < -87.33654f ? -87.33654f : (x > 88.72283f ? 88.72283f : x);  // (fminf would not vectorise)
   const float n = rintf(xc * 1.44269504088896341f);
   float r = fmaf(n, -0.693359375f, xc);
   r = fmaf(n, 2.12194440e-4f, r);
@@ -72,12 +76,10 @@ DRKL_HD float ex(float x) {
   p = fmaf(p, r, 1.6666665459e-1f);
   p = fmaf(p, r, 5.0000001201e-1f);
   p = fmaf(p * r, r, r) + 1.0f;
-  union {
-    int32_t i;
-    float f;
-  } scale;
-  scale.i = (static_cast<int32_t>(n) + 127) << 23;
-  const float y = p * scale.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  float scale;
+  memcpy(&scale, &bits, sizeof scale);
+  const float y = p * scale;
   return x != x ? x : (x < -87.33654f ? 0.0f : (x > 88.72283f ? INFINITY : y));
 #endif
 }
@@ -147,6 +149,7 @@ DRKL_HD void raise_max(Tail<A>& st, A mx, A my, A inv_tau) {
 template <typename A>
 DRKL_HD void fold(Tail<A>& st, const A* x, const A* y, int n, A inv_tau) {
   A cmx = neg_inf<A>(), cmy = neg_inf<A>();
+  DRKL_SIMD_MAX(cmx, cmy)
   for (int i = 0; i < n; ++i) {
     cmx = x[i] > cmx ? x[i] : cmx;
     cmy = y[i] > cmy ? y[i] : cmy;

@@ -23,7 +23,7 @@ import torch
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CPU_SOURCES = ("bindings.cpp", "drkl_cpu.cpp")
 CUDA_SOURCES = ("drkl_cuda.cu", "drkl_cuda_sm90.cu")
-CXX_FLAGS = ["-O3", "-march=native", "-fopenmp"]
+CXX_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
 NVCC_FLAGS = ["-O3", "-lineinfo"]
 LD_FLAGS = ["-fopenmp"]
 

@@ -104,5 +104,6 @@ def test_drkl_ignores_the_student_weight_on_the_tail(backend):
     _, g_drkl = run("drkl", backend, z, u, t, reduction="sum")
     _, g_rkl = run("rkl", backend, z, u, t, reduction="sum")
     rows = torch.arange(4, device=DEVICE)
-    assert g_drkl[rows, t].abs().max() < 1e-6  # zero up to the rounding of two sums in different orders
-    assert (g_rkl[rows, t] < -1e-4).all()
+    assert (g_rkl[rows, t] < -1e-6).all()
+    # zero up to the rounding of two sums taken in different orders
+    assert (g_drkl[rows, t].abs() < 1e-3 * g_rkl[rows, t].abs()).all()
