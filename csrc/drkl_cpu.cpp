@@ -106,8 +106,7 @@ void row_forward(const drkl_args& a, int64_t row) {
 
   // Pass 2: the gradient, then the zero-sum closure of a dominant tail token.
   const A scale = inv * (a.mean_scale ? *static_cast<const A*>(a.mean_scale) : A(1));
-  int64_t top = -1;
-  A top_z = neg_inf<A>(), top_g = 0, g_sum = 0;
+  Closure<A> closure = Closure<A>::empty();
   A gc[kChunk];
   for (int64_t start = 0; start < V; start += kChunk) {
     const int n = static_cast<int>(V - start < kChunk ? V - start : kChunk);
@@ -115,27 +114,26 @@ void row_forward(const drkl_args& a, int64_t row) {
       zc[i] = to_acc(z[start + i]);
       uc[i] = to_acc(u[start + i]);
     }
-    for (int i = 0; i < n; ++i) gc[i] = grad_at<DIV>(r, zc[i], uc[i], inv);
+    for (int i = 0; i < n; ++i) gc[i] = grad_at<DIV>(r, zc[i], uc[i], inv) + poison;
     if (t >= start && t < start + n) {  // the pivot: its own gradient, and no part in the top search
-      gc[t - start] = r.g_t;
+      gc[t - start] = r.g_t + poison;
       zc[t - start] = neg_inf<A>();
     }
-    A chunk_sum = 0;
-    DRKL_SIMD_SUM(chunk_sum)
-    for (int i = 0; i < n; ++i) {
-      gc[i] += poison;
-      chunk_sum += gc[i];
-    }
-    for (int i = 0; i < n; ++i)
-      if (zc[i] > top_z) {
-        top_z = zc[i];
-        top = start + i;
-        top_g = gc[i];
-      }
-    g_sum += chunk_sum;
+    // The chunk's top (largest z, first index) and the sum of the rest, merged into the closure.
+    A top_z = neg_inf<A>();
+    DRKL_SIMD_MAX(top_z)
+    for (int i = 0; i < n; ++i) top_z = zc[i] > top_z ? zc[i] : top_z;
+    int j = 0;
+    while (j < n && !(zc[j] == top_z)) ++j;
+    if (!(top_z > neg_inf<A>()) || j == n) j = -1;
+    A rest = 0;
+    DRKL_SIMD_SUM(rest)
+    for (int i = 0; i < n; ++i) rest += i == j ? A(0) : gc[i];
+    closure.merge({rest, top_z, j >= 0 ? gc[j] : A(0), j >= 0 ? start + j : -1});
     for (int i = 0; i < n; ++i) g[start + i] = from_acc<TS>(gc[i] * scale);
   }
-  if (top >= 0 && student_tail_prob<DIV>(r, top_z, inv) >= A(0.5)) g[top] = from_acc<TS>((top_g - g_sum) * scale);
+  if (closure.top >= 0 && student_tail_prob<DIV>(r, closure.top_z, inv) >= A(0.5))
+    g[closure.top] = from_acc<TS>(-closure.others * scale);
 }
 
 template <int DIV, int PIV, typename TS, typename TT>

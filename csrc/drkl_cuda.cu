@@ -18,7 +18,7 @@ constexpr int64_t kWarpRowMaxV = 2048;  // at or below: one warp per row
 template <int DIV, int PIV, typename TS, typename TT>
 __global__ void __launch_bounds__(kBlock) two_pass_kernel(const drkl_args a, const bool vec) {
   __shared__ Part part_scratch[kBlock / 32];
-  __shared__ Closure closure_scratch[kBlock / 32];
+  __shared__ Closure<float> closure_scratch[kBlock / 32];
   constexpr int VEC = kVec<TS>;
   const bool warp_rows = a.vocab <= kWarpRowMaxV;
   const int row_threads = warp_rows ? 32 : blockDim.x;
@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(kBlock) two_pass_kernel(const drkl_args a, con
 
   // Pass 2: the gradient, then the zero-sum closure of a dominant tail token.
   const float scale = inv * (a.mean_scale ? *static_cast<const float*>(a.mean_scale) : 1.f);
-  Closure c = Closure::empty();
+  Closure<float> c = Closure<float>::empty();
   for (int64_t base = int64_t(lane) * VEC; base < v_end; base += int64_t(row_threads) * VEC) {
     float zc[VEC], uc[VEC], gc[VEC];
     load_vec<VEC>(p.z + base, zc);
@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(kBlock) two_pass_kernel(const drkl_args a, con
     block_merge(c, closure_scratch);
   }
   if (lane == 0 && c.top >= 0 && student_tail_prob<DIV>(r, c.top_z, inv) >= 0.5f)
-    p.g[c.top] = from_f<TS>((c.top_g - c.g_sum) * scale);
+    p.g[c.top] = from_f<TS>(-c.others * scale);
 }
 
 template <typename T>

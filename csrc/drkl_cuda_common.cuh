@@ -95,40 +95,15 @@ __device__ __forceinline__ void block_merge(Part& p, Part* scratch, float inv_ta
   __syncthreads();  // scratch is reused
 }
 
-// The gradient pass's per-thread bookkeeping: the sum of the row's gradient and the most
-// probable non-pivot student token (largest z, first index) with its gradient.
-struct Closure {
-  float g_sum, top_z, top_g;
-  int64_t top;
-  __device__ static Closure empty() { return {0.f, -INFINITY, 0.f, -1}; }
-  // Tokens must be seen in increasing index order (strict > keeps the first of equal z).
-  __device__ void see(int64_t j, float z, float g) {
-    g_sum += g;
-    if (z > top_z) {
-      top = j;
-      top_z = z;
-      top_g = g;
-    }
-  }
-  __device__ void merge(const Closure& o) {  // symmetric
-    g_sum += o.g_sum;
-    if (o.top >= 0 && (top < 0 || o.top_z > top_z || (o.top_z == top_z && o.top < top))) {
-      top = o.top;
-      top_z = o.top_z;
-      top_g = o.top_g;
-    }
-  }
-};
-
-__device__ __forceinline__ void warp_merge(Closure& c) {
+__device__ __forceinline__ void warp_merge(Closure<float>& c) {
 #pragma unroll
   for (int mask = 16; mask > 0; mask >>= 1) {
-    Closure o{shfl(c.g_sum, mask), shfl(c.top_z, mask), shfl(c.top_g, mask), shfl(c.top, mask)};
+    const Closure<float> o{shfl(c.others, mask), shfl(c.top_z, mask), shfl(c.top_g, mask), shfl(c.top, mask)};
     c.merge(o);
   }
 }
 
-__device__ __forceinline__ void block_merge(Closure& c, Closure* scratch) {
+__device__ __forceinline__ void block_merge(Closure<float>& c, Closure<float>* scratch) {
   warp_merge(c);
   const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
   if (threadIdx.x % 32 == 0) scratch[warp] = c;

@@ -24,9 +24,9 @@ __global__ void __launch_bounds__(kClusterBlock) single_pass_kernel(const drkl_a
                                                                     const int64_t slice) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   __shared__ Part part_scratch[kClusterBlock / 32];
-  __shared__ Closure closure_scratch[kClusterBlock / 32];
+  __shared__ Closure<float> closure_scratch[kClusterBlock / 32];
   __shared__ Part cta_part;
-  __shared__ Closure cta_closure;
+  __shared__ Closure<float> cta_closure;
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int VEC = kVec<TS>;
   cg::cluster_group cluster = cg::this_cluster();
@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kClusterBlock) single_pass_kernel(const drkl_a
   if (p.g) {
     // The gradient of the slice, from shared memory.
     const float scale = inv * (a.mean_scale ? *static_cast<const float*>(a.mean_scale) : 1.f);
-    Closure c = Closure::empty();
+    Closure<float> c = Closure<float>::empty();
     for (int64_t base = lo + int64_t(threadIdx.x) * VEC; base < v_end; base += int64_t(blockDim.x) * VEC) {
       float zc[VEC], uc[VEC], gc[VEC];
       load_vec<VEC>(zs + (base - lo), zc);
@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kClusterBlock) single_pass_kernel(const drkl_a
     c = *cluster.map_shared_rank(&cta_closure, 0);
     for (int other = 1; other < ranks; ++other) c.merge(*cluster.map_shared_rank(&cta_closure, other));
     if (threadIdx.x == 0 && c.top >= lo && c.top < hi && student_tail_prob<DIV>(r, c.top_z, inv) >= 0.5f)
-      p.g[c.top] = from_f<TS>((c.top_g - c.g_sum) * scale);
+      p.g[c.top] = from_f<TS>(-c.others * scale);
   }
   cluster.sync();  // no CTA leaves while another may still read its shared memory
 #endif

@@ -247,6 +247,38 @@ DRKL_HD void merge_parts(Tail<A>& st, Best<A>& best, const Tail<A>& other_st, co
     st = merge(st, DIV == kFKL ? single(loser.u, loser.z) : single(loser.z, loser.u), inv_tau);
 }
 
+// The gradient pass's bookkeeping for the zero-sum closure: the most probable non-pivot
+// student token so far (largest z, first index) with its gradient, and the sum of the
+// gradient over every other token seen. The closure is -others: the top's own (cancelling)
+// value never enters the sum. merge() is symmetric, for parallel reductions.
+template <typename A>
+struct Closure {
+  A others, top_z, top_g;
+  int64_t top;  // -1: none yet
+  DRKL_HD static Closure empty() { return {A(0), neg_inf<A>(), A(0), -1}; }
+  DRKL_HD void merge(const Closure& o) {
+    const bool take = o.top >= 0 && (top < 0 || o.top_z > top_z || (o.top_z == top_z && o.top < top));
+    const A loser_g = take ? (top >= 0 ? top_g : A(0)) : (o.top >= 0 ? o.top_g : A(0));
+    others = others + o.others + loser_g;
+    if (take) {
+      top = o.top;
+      top_z = o.top_z;
+      top_g = o.top_g;
+    }
+  }
+  // One token; tokens must come in increasing index order (strict > keeps the first of equal z).
+  DRKL_HD void see(int64_t j, A z, A g) {
+    if (z > top_z) {
+      others += top >= 0 ? top_g : A(0);
+      top = j;
+      top_z = z;
+      top_g = g;
+    } else {
+      others += g;
+    }
+  }
+};
+
 // Everything the gradient pass needs, per row.
 template <typename A>
 struct Row {

@@ -134,7 +134,7 @@ def grad_rows(p: Problem) -> torch.Tensor:
     g_t = q_t - p_t from the smaller of (q_t, p_t) and (1 - q_t, 1 - p_t), and
     g_j = (1-q_t) qh_j - (1-p_t) ph_j, through expm1 where the two nearly cancel.
     Each row sums to zero; where one student token holds half the tail or more, its
-    entry (which cancels) is taken as minus the sum of the others. All over tau.
+    entry (which cancels) is taken as minus the sum over the others. All over tau.
     """
     s, t, sp = _split(p)
     x_t, x_n = sp.lx_t.exp(), sp.lx_n.exp()
@@ -153,7 +153,7 @@ def grad_rows(p: Problem) -> torch.Tensor:
         g = _weighted(tail_probs.exp(), weight * ((sp.dx - sp.dy) - sp.mean_d) - g_t)
     g = g.scatter(-1, t, g_t)
     top = s.scatter(-1, t, NEG_INF).argmax(-1, keepdim=True)
-    closed = g.gather(-1, top) - g.sum(-1, keepdim=True)
+    closed = -g.scatter(-1, top, 0.0).sum(-1, keepdim=True)
     dominant = tail_probs.gather(-1, top) >= torch.log(torch.tensor(0.5, dtype=g.dtype))
     g = g.scatter(-1, top, torch.where(dominant, closed, g.gather(-1, top)))
     g = g / p.temperature

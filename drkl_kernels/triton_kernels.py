@@ -228,11 +228,12 @@ def divergence_kernel(
             log_sy = tl.where(s_y == 0, 0.0, log_sy)
             # Rows of the gradient sum to zero. When one non-pivot student token holds at
             # least half of the tail (there q_j (d_j - N) cancels), its gradient is
-            # rewritten at the end as minus the sum of the others.
+            # rewritten at the end as minus the sum over the others; its own value never
+            # enters that sum.
             top = tl.full([], -1, tl.int32)
             top_z = tl.full([], float("-inf"), tl.float32)
             top_g = 0.0
-            g_sum = 0.0
+            others = 0.0
             for start in range(0, V, BLOCK):
                 offs = start + lanes
                 z = tl.load(z_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
@@ -249,21 +250,23 @@ def divergence_kernel(
                     # qh_j (w (d_j - N) - g_t): rows sum to -g_t, so the pivot closes them
                     g = _weighted(tl.exp(dx - log_sx), w * ((dx - dy) - mean_d) - g_t)
                 g = tl.where(offs == t, g_t, g) + poison
+                g = tl.where(offs < V, g, 0.0)
                 z = tl.where(offs == t, float("-inf"), z)
                 blk_z = tl.max(z, 0)
                 blk_top = start + tl.argmax(z, 0)
+                blk_g = tl.sum(tl.where(offs == blk_top, g, 0.0), 0)
+                rest = tl.sum(tl.where(offs == blk_top, 0.0, g), 0)
                 better = blk_z > top_z
-                top_g = tl.where(better, tl.sum(tl.where(offs == blk_top, g, 0.0), 0), top_g)
+                others += tl.where(better, tl.where(top >= 0, top_g, 0.0), blk_g) + rest
+                top_g = tl.where(better, blk_g, top_g)
                 top = tl.where(better, blk_top, top)
                 top_z = tl.where(better, blk_z, top_z)
-                g_sum += tl.sum(tl.where(offs < V, g, 0.0), 0)
                 tl.store(g_row + offs, (g * scale).to(g_ptr.dtype.element_ty), mask=offs < V)
             if DIVERGENCE == FKL:
                 top_p = tl.exp((top_z - shift_y) * inv_tau - log_sy)
             else:
                 top_p = tl.exp((top_z - shift_x) * inv_tau - log_sx)
-            fixed = (top_g - g_sum) * scale
-            tl.store(g_row + top, fixed.to(g_ptr.dtype.element_ty), mask=top_p >= 0.5)
+            tl.store(g_row + top, (-others * scale).to(g_ptr.dtype.element_ty), mask=top_p >= 0.5)
     else:
         tl.store(loss_ptr + row, 0.0)
         if WRITE_GRAD:

@@ -85,7 +85,7 @@ def loss_and_grad(kind, student, teacher, target, *, reduction="mean", upstream=
         if piece.requires_grad and factor:
             (g,) = torch.autograd.grad((piece * weight).sum(), z, retain_graph=True)
             k = close.unsqueeze(-1)
-            g = g.scatter(-1, k, g.gather(-1, k) - g.sum(-1, keepdim=True))
+            g = g.scatter(-1, k, -g.scatter(-1, k, 0.0).sum(-1, keepdim=True))
             grad = grad + factor * g
     if reduction == "none":
         loss = loss_rows.reshape(student.shape[:-1])
