@@ -28,18 +28,12 @@ __global__ void __launch_bounds__(kBlock) two_pass_kernel(const drkl_args a, con
   const int64_t V = a.vocab;
   const RowPtrs<TS, TT> p(a, row);
   const float inv = static_cast<float>(a.inv_tau), gamma = static_cast<float>(a.gamma);
-  const Label label = read_label<PIV>(a, row);
+  const Label label = read_label<PIV>(a, row, p);  // before any gradient is written
   if (!label.counted) {
     if (lane == 0) static_cast<float*>(a.loss)[row] = 0.f;
     if (p.g)
       for (int64_t j = lane; j < V; j += row_threads) p.g[j] = from_f<TS>(0.f);
     return;
-  }
-  // Read the label's logits first: an in-place gradient overwrites them in pass 2.
-  float z_t = -INFINITY, u_t = -INFINITY;
-  if (PIV == kLabel) {
-    z_t = to_f(p.z[label.pivot]);
-    u_t = to_f(p.u[label.pivot]);
   }
 
   // Pass 1: tail statistics around the pivot.
@@ -59,13 +53,9 @@ __global__ void __launch_bounds__(kBlock) two_pass_kernel(const drkl_args a, con
     warp_merge<DIV, PIV>(part, inv);
   else
     block_merge<DIV, PIV>(part, part_scratch, inv);
-  int64_t t = label.pivot;
-  if (PIV != kLabel) {
-    t = part.best.idx;
-    z_t = part.best.z;
-    u_t = part.best.u;
-  }
-  const Row<float> r = finalize<DIV>(part.st, z_t, u_t, inv, gamma);
+  const bool held = PIV != kLabel;  // the pivot is the running argmax held out of the sums
+  const int64_t t = held ? part.best.idx : label.pivot;
+  const Row<float> r = finalize<DIV>(part.st, held ? part.best.z : label.z_t, held ? part.best.u : label.u_t, inv, gamma);
   if (lane == 0) static_cast<float*>(a.loss)[row] = r.loss + label.poison;
   if (!p.g) return;
 
@@ -76,20 +66,13 @@ __global__ void __launch_bounds__(kBlock) two_pass_kernel(const drkl_args a, con
     float zc[VEC], uc[VEC], gc[VEC];
     load_vec<VEC>(p.z + base, zc);
     load_vec<VEC>(p.u + base, uc);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      const int64_t j = base + k;
-      gc[k] = (j == t ? r.g_t : grad_at<DIV>(r, zc[k], uc[k], inv)) + label.poison;
-      c.see(j, j == t ? -INFINITY : zc[k], gc[k]);
-      gc[k] *= scale;
-    }
+    gradient_chunk<DIV>(r, t, label.poison, inv, scale, base, zc, uc, gc, c);
     store_vec<VEC>(p.g + base, gc);
   }
   for (int64_t j = v_end + lane; j < V; j += row_threads) {
-    const float z = to_f(p.z[j]), u = to_f(p.u[j]);
-    const float g = (j == t ? r.g_t : grad_at<DIV>(r, z, u, inv)) + label.poison;
-    c.see(j, j == t ? -INFINITY : z, g);
-    p.g[j] = from_f<TS>(g * scale);
+    float zc[1] = {to_f(p.z[j])}, uc[1] = {to_f(p.u[j])}, gc[1];
+    gradient_chunk<DIV>(r, t, label.poison, inv, scale, j, zc, uc, gc, c);
+    p.g[j] = from_f<TS>(gc[0]);
   }
   if (warp_rows) {
     warp_merge(c);

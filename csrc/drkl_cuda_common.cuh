@@ -113,24 +113,19 @@ __device__ __forceinline__ void block_merge(Closure<float>& c, Closure<float>* s
   __syncthreads();
 }
 
-// The label of a row, and whether it counts; NaN poison for a label outside [0, V).
-struct Label {
-  bool counted;
-  int64_t pivot;  // the label for PIV == kLabel (0 when out of range), else -1
-  float poison;
-};
-
-template <int PIV>
-__device__ __forceinline__ Label read_label(const drkl_args& a, int64_t row) {
-  Label l{true, -1, 0.f};
-  if (a.target == nullptr) return l;
-  const int64_t label = a.target_is_int64 ? static_cast<const int64_t*>(a.target)[row]
-                                          : static_cast<const int32_t*>(a.target)[row];
-  l.counted = label != a.ignore_index;
-  const bool in_range = label >= 0 && label < a.vocab;
-  l.poison = in_range ? 0.f : NAN;
-  if (PIV == kLabel) l.pivot = in_range ? label : 0;
-  return l;
+// The gradient of N consecutive tokens from base: the pivot's own value at t, NaN poison for a
+// bad label, each token shown to the closure, then scaled for storage.
+template <int DIV, int N>
+__device__ __forceinline__ void gradient_chunk(const Row<float>& r, int64_t t, float poison, float inv_tau,
+                                               float scale, int64_t base, const float (&zc)[N],
+                                               const float (&uc)[N], float (&gc)[N], Closure<float>& c) {
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    const int64_t j = base + k;
+    gc[k] = (j == t ? r.g_t : grad_at<DIV>(r, zc[k], uc[k], inv_tau)) + poison;
+    c.see(j, j == t ? -INFINITY : zc[k], gc[k]);
+    gc[k] *= scale;
+  }
 }
 
 // Pointers of one row.
@@ -144,6 +139,31 @@ struct RowPtrs {
         u(static_cast<const TT*>(a.teacher) + row * a.teacher_stride),
         g(a.grad ? static_cast<TS*>(a.grad) + row * a.grad_stride : nullptr) {}
 };
+
+// The label of a row, whether it counts, NaN poison for a label outside [0, V), and for
+// PIV == kLabel the label's logits, read first: an in-place gradient overwrites them later.
+struct Label {
+  bool counted;
+  int64_t pivot;  // the label for PIV == kLabel (0 when out of range), else -1
+  float poison, z_t, u_t;
+};
+
+template <int PIV, typename TS, typename TT>
+__device__ __forceinline__ Label read_label(const drkl_args& a, int64_t row, const RowPtrs<TS, TT>& p) {
+  Label l{true, -1, 0.f, -INFINITY, -INFINITY};
+  if (a.target == nullptr) return l;
+  const int64_t label = a.target_is_int64 ? static_cast<const int64_t*>(a.target)[row]
+                                          : static_cast<const int32_t*>(a.target)[row];
+  l.counted = label != a.ignore_index;
+  const bool in_range = label >= 0 && label < a.vocab;
+  l.poison = in_range ? 0.f : NAN;
+  if (PIV == kLabel && l.counted) {
+    l.pivot = in_range ? label : 0;
+    l.z_t = to_f(p.z[l.pivot]);
+    l.u_t = to_f(p.u[l.pivot]);
+  }
+  return l;
+}
 
 // Launchers implemented per file.
 int launch_two_pass(const drkl_args& a, bool vec, cudaStream_t stream);

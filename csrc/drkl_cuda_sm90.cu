@@ -37,18 +37,12 @@ __global__ void __launch_bounds__(kClusterBlock) single_pass_kernel(const drkl_a
   TT* us = reinterpret_cast<TT*>(smem + slice * sizeof(TS));
   const RowPtrs<TS, TT> p(a, row);
   const float inv = static_cast<float>(a.inv_tau), gamma = static_cast<float>(a.gamma);
-  const Label label = read_label<PIV>(a, row);
+  const Label label = read_label<PIV>(a, row, p);  // before any gradient is written
   if (!label.counted) {  // every CTA of the cluster sees the same label: none touches another's memory
     if (rank == 0 && threadIdx.x == 0) static_cast<float*>(a.loss)[row] = 0.f;
     if (p.g)
       for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) p.g[j] = from_f<TS>(0.f);
     return;
-  }
-  // Read before the first cluster barrier: no CTA writes gradients (maybe in place) before it.
-  float z_t = -INFINITY, u_t = -INFINITY;
-  if (PIV == kLabel) {
-    z_t = to_f(p.z[label.pivot]);
-    u_t = to_f(p.u[label.pivot]);
   }
 
   // Copy the slice into shared memory, folding it into this CTA's partial statistics.
@@ -77,13 +71,9 @@ __global__ void __launch_bounds__(kClusterBlock) single_pass_kernel(const drkl_a
   part = *cluster.map_shared_rank(&cta_part, 0);
   for (int other = 1; other < ranks; ++other) merge_into<DIV, PIV>(part, *cluster.map_shared_rank(&cta_part, other), inv);
 
-  int64_t t = label.pivot;
-  if (PIV != kLabel) {
-    t = part.best.idx;
-    z_t = part.best.z;
-    u_t = part.best.u;
-  }
-  const Row<float> r = finalize<DIV>(part.st, z_t, u_t, inv, gamma);
+  const bool held = PIV != kLabel;  // the pivot is the running argmax held out of the sums
+  const int64_t t = held ? part.best.idx : label.pivot;
+  const Row<float> r = finalize<DIV>(part.st, held ? part.best.z : label.z_t, held ? part.best.u : label.u_t, inv, gamma);
   if (rank == 0 && threadIdx.x == 0) static_cast<float*>(a.loss)[row] = r.loss + label.poison;
   if (p.g) {
     // The gradient of the slice, from shared memory.
@@ -93,20 +83,13 @@ __global__ void __launch_bounds__(kClusterBlock) single_pass_kernel(const drkl_a
       float zc[VEC], uc[VEC], gc[VEC];
       load_vec<VEC>(zs + (base - lo), zc);
       load_vec<VEC>(us + (base - lo), uc);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const int64_t j = base + k;
-        gc[k] = (j == t ? r.g_t : grad_at<DIV>(r, zc[k], uc[k], inv)) + label.poison;
-        c.see(j, j == t ? -INFINITY : zc[k], gc[k]);
-        gc[k] *= scale;
-      }
+      gradient_chunk<DIV>(r, t, label.poison, inv, scale, base, zc, uc, gc, c);
       store_vec<VEC>(p.g + base, gc);
     }
     for (int64_t j = v_end + threadIdx.x; j < hi; j += blockDim.x) {
-      const float z = to_f(zs[j - lo]), u = to_f(us[j - lo]);
-      const float g = (j == t ? r.g_t : grad_at<DIV>(r, z, u, inv)) + label.poison;
-      c.see(j, j == t ? -INFINITY : z, g);
-      p.g[j] = from_f<TS>(g * scale);
+      float zc[1] = {to_f(zs[j - lo])}, uc[1] = {to_f(us[j - lo])}, gc[1];
+      gradient_chunk<DIV>(r, t, label.poison, inv, scale, j, zc, uc, gc, c);
+      p.g[j] = from_f<TS>(gc[0]);
     }
     block_merge(c, closure_scratch);
     if (threadIdx.x == 0) cta_closure = c;

@@ -1,0 +1,237 @@
+"""The benchmark report: ``python -m bench [--device cuda|cpu] [--out DIR] [--readme]``.
+
+For every case (divergence x shape x dtype x loss-only / loss+gradient) and every runner
+(our backends, the reference, torch.compile of the reference, Liger-Kernel) it measures the
+median time with its interquartile range and the peak memory above the inputs, and prints:
+bytes per element by design (SPEC §7) and the achieved GB/s, on a GPU the % of the bandwidth
+floor against a device-to-device copy measured in the same run, and the speed-up and memory
+ratio against the reference measured in the same run. A runner that cannot run says why
+("n/a: ..."); none disappears. Writes results.json (every number, the machine, versions,
+date) and PNG plots of time and memory against V into DIR; ``--readme`` rewrites the
+README's benchmark section from that JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import drkl_kernels as dk
+
+from .cases import PEERS, RUNNERS, Case, matrix
+from .measure import gpu_copy_bandwidth, measure_cpu, measure_gpu
+
+ROOT = Path(__file__).resolve().parents[1]
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def machine(device: str) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text()).group(1)
+    except (OSError, AttributeError):
+        pass
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": device,
+        "cpu": cpu,
+        "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    sm=f"{props.major}.{props.minor}", cuda=torch.version.cuda)  # fmt: skip
+    return info
+
+
+def run(device: str, cases: list[Case], runners: list[str], budget_s: float, deadline: float = float("inf")) -> list[dict]:
+    rows = []
+    for case in cases:
+        for r in RUNNERS:
+            if r.name not in runners:
+                continue
+            entry = {"case": case.__dict__, "runner": r.name, "peer": r.name in PEERS,
+                     "design_bytes": None, "status": "ok"}  # fmt: skip
+            reason = r.why_not(device, case)
+            if reason is None and time.monotonic() > deadline:
+                reason = "skipped: the run's time limit (--deadline) was spent"
+            if reason is None:
+                entry["design_bytes"] = r.design_bytes(device, case)
+                try:
+                    entry.update(measure_gpu(r.name, case, budget_s) if device == "cuda" else measure_cpu(r.name, case, budget_s))
+                except torch.cuda.OutOfMemoryError:
+                    entry["status"] = "n/a: out of GPU memory"
+                    torch.cuda.empty_cache()
+                except Exception as err:  # a failing peer is reported, not hidden
+                    entry["status"] = f"n/a: failed ({type(err).__name__}: {err})"[:300]
+            else:
+                entry["status"] = f"n/a: {reason}"
+            rows.append(entry)
+            print(_line(entry), flush=True)
+    return rows
+
+
+def _line(e: dict) -> str:
+    c = Case(**e["case"])
+    if e["status"] != "ok":
+        return f"{c.label:<44} {e['runner']:<26} {e['status']}"
+    return f"{c.label:<44} {e['runner']:<26} {e['median_ms']:>10.3f} ms  peak {e['peak_bytes'] / 2**20:>9.1f} MiB"
+
+
+def derive(rows: list[dict], copy_gbps: float | None) -> None:
+    """Adds GB/s, % of the bandwidth floor, and ratios against the reference of the same case."""
+    ref = {json.dumps(e["case"], sort_keys=True): e for e in rows if e["runner"] == "reference" and e["status"] == "ok"}
+    for e in rows:
+        if e["status"] != "ok":
+            continue
+        c = Case(**e["case"])
+        seconds = e["median_ms"] * 1e-3
+        e["gbps"] = (e["design_bytes"] or c.floor_bytes()) * c.elements / seconds / 1e9
+        if copy_gbps:
+            e["floor_pct"] = 100 * (c.floor_bytes() * c.elements / (copy_gbps * 1e9)) / seconds
+        base = ref.get(json.dumps(e["case"], sort_keys=True))
+        if base is not None:
+            e["speedup_vs_reference"] = base["median_ms"] / e["median_ms"]
+            e["memory_vs_reference"] = e["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else None
+
+
+def table(rows: list[dict], gpu: bool) -> str:
+    """Markdown table of every row."""
+    head = ["case", "runner", "median ms (IQR)", "B/elem", "GB/s"] + (["% floor"] if gpu else []) + [
+        "peak MiB", "speed-up vs ref", "memory vs ref"]  # fmt: skip
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in rows:
+        c = Case(**e["case"])
+        if e["status"] != "ok":
+            out.append(f"| {c.label} | {e['runner']} | {e['status']} |" + " |" * (len(head) - 3))
+            continue
+        design = f"{e['design_bytes']:g}" if e["design_bytes"] else f"({c.floor_bytes()} floor)"
+        cells = [c.label, e["runner"], f"{e['median_ms']:.3f} ({e['q1_ms']:.3f}-{e['q3_ms']:.3f})", design,
+                 f"{e['gbps']:.1f}"]  # fmt: skip
+        if gpu:
+            cells.append(f"{e.get('floor_pct', 0):.0f}%")
+        mem = e.get("memory_vs_reference")
+        cells += [f"{e['peak_bytes'] / 2**20:.1f}", f"{e.get('speedup_vs_reference', float('nan')):.2f}x",
+                  "-" if mem is None else f"{mem:.3f}"]  # fmt: skip
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], out: Path) -> list[str]:
+    """time and peak memory against V, per dtype, for DRKL loss + gradient at the largest row count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    ok = [e for e in rows if e["status"] == "ok" and e["case"]["divergence"] == "drkl" and e["case"]["backward"]]
+    if not ok:
+        return files
+    big = max(e["case"]["rows"] for e in ok)
+    for dtype in sorted({e["case"]["dtype"] for e in ok}):
+        pts = [e for e in ok if e["case"]["dtype"] == dtype and e["case"]["rows"] == big]
+        if not pts:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for name in dict.fromkeys(e["runner"] for e in pts):
+            series = sorted((e["case"]["vocab"], e["median_ms"], e["peak_bytes"] / 2**20) for e in pts if e["runner"] == name)
+            vs = [s[0] for s in series]
+            axes[0].plot(vs, [s[1] for s in series], marker="o", label=name)
+            axes[1].plot(vs, [s[2] for s in series], marker="o", label=name)
+        axes[0].set(xlabel="vocabulary V", ylabel="median ms (log)", yscale="log", title=f"DRKL loss+grad, {big} rows, {dtype}: time")
+        axes[1].set(xlabel="vocabulary V", ylabel="peak MiB above inputs", title="peak memory")
+        for ax in axes:
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        name = f"drkl_{dtype}_vs_vocab.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+def readme_section(result: dict, out: Path) -> str:
+    m = result["machine"]
+    where = m.get("gpu") or f"{m['cpu']}, {m['cpu_threads']} threads, no GPU"
+    rel = os.path.relpath(out, ROOT)
+    rows = [e for e in result["rows"] if e["case"]["backward"]]
+    lines = [
+        f"Measured by `python -m bench --device {m['device']}` on {m['date']}: {where}; torch {m['torch']}, "
+        f"triton {m['triton']}. All numbers and plots: [`{rel}/`]({rel}/). Loss + gradient:",
+        "",
+        table(rows, m["device"] == "cuda"),
+        "",
+    ]
+    lines += [f"![{f}]({rel}/{f})" for f in result["plots"]]
+    return "\n".join(lines)
+
+
+def update_readme(section: str) -> None:
+    path = ROOT / "README.md"
+    text = path.read_text()
+    start, end = text.index(README_START) + len(README_START), text.index(README_END)
+    path.write_text(text[:start] + "\n" + section + "\n" + text[end:])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description="drkl_kernels benchmark report")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, help="folder for results.json and the plots (default bench/results/<date>-<machine>)")
+    parser.add_argument("--runners", nargs="+", default=[r.name for r in RUNNERS], choices=[r.name for r in RUNNERS])
+    parser.add_argument("--shapes", nargs="+", help="restrict to ROWSxV shapes, e.g. 8192x128256")
+    parser.add_argument("--budget", type=float, help="seconds of timed calls per measurement (default GPU 0.5, CPU 3)")
+    parser.add_argument("--deadline", type=float, default=float("inf"),
+                        help="seconds after which the remaining measurements are listed as skipped")
+    parser.add_argument("--readme", action="store_true", help="rewrite the README's benchmark section from this run")
+    args = parser.parse_args(argv)
+
+    device = args.device
+    info = machine(device)
+    if args.out is None:
+        tag = re.sub(r"[^A-Za-z0-9]+", "-", info.get("gpu") or "cpu").strip("-").lower()
+        args.out = ROOT / "bench" / "results" / f"{info['date'][:10]}-{tag}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    cases = matrix(device)
+    if args.shapes:
+        cases = [c for c in cases if f"{c.rows}x{c.vocab}" in args.shapes]
+    print(f"drkl_kernels {getattr(dk, '__version__', '')} benchmark on {info.get('gpu') or info['cpu']}: "
+          f"{len(cases)} cases x {len(args.runners)} runners", flush=True)  # fmt: skip
+    start = time.perf_counter()
+    copy_gbps = gpu_copy_bandwidth() if device == "cuda" else None
+    if copy_gbps:
+        print(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write)", flush=True)
+    budget = args.budget or (0.5 if device == "cuda" else 3.0)
+    rows = run(device, cases, args.runners, budget, time.monotonic() + args.deadline)
+    derive(rows, copy_gbps)
+    result = {"machine": info, "copy_gbps": copy_gbps, "seconds": time.perf_counter() - start, "rows": rows}
+    result["plots"] = plot(rows, args.out)
+    (args.out / "results.json").write_text(json.dumps(result, indent=1))
+    (args.out / "report.md").write_text(table(rows, device == "cuda") + "\n")
+    print()
+    print(table(rows, device == "cuda"))
+    print(f"\nwrote {args.out} in {result['seconds']:.0f} s", flush=True)
+    if args.readme:
+        update_readme(readme_section(result, args.out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
