@@ -135,7 +135,7 @@ def table(rows: list[dict], gpu: bool) -> str:
 
 
 def plot(rows: list[dict], out: Path) -> list[str]:
-    """time and peak memory against V, per dtype, for DRKL loss + gradient at the largest row count."""
+    """Time and peak memory against V, per dtype, for DRKL loss + gradient at the row count of the V sweep."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,20 +143,18 @@ def plot(rows: list[dict], out: Path) -> list[str]:
 
     files = []
     ok = [e for e in rows if e["status"] == "ok" and e["case"]["divergence"] == "drkl" and e["case"]["backward"]]
-    if not ok:
-        return files
-    big = max(e["case"]["rows"] for e in ok)
     for dtype in sorted({e["case"]["dtype"] for e in ok}):
-        pts = [e for e in ok if e["case"]["dtype"] == dtype and e["case"]["rows"] == big]
-        if not pts:
-            continue
+        mine = [e for e in ok if e["case"]["dtype"] == dtype]
+        counts = {r: len({e["case"]["vocab"] for e in mine if e["case"]["rows"] == r}) for r in {e["case"]["rows"] for e in mine}}
+        rows_ = max(counts, key=lambda r: (counts[r], r))
+        pts = [e for e in mine if e["case"]["rows"] == rows_]
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
         for name in dict.fromkeys(e["runner"] for e in pts):
             series = sorted((e["case"]["vocab"], e["median_ms"], e["peak_bytes"] / 2**20) for e in pts if e["runner"] == name)
             vs = [s[0] for s in series]
             axes[0].plot(vs, [s[1] for s in series], marker="o", label=name)
             axes[1].plot(vs, [s[2] for s in series], marker="o", label=name)
-        axes[0].set(xlabel="vocabulary V", ylabel="median ms (log)", yscale="log", title=f"DRKL loss+grad, {big} rows, {dtype}: time")
+        axes[0].set(xlabel="vocabulary V", ylabel="median ms (log)", yscale="log", title=f"DRKL loss+grad, {rows_} rows, {dtype}: time")
         axes[1].set(xlabel="vocabulary V", ylabel="peak MiB above inputs", title="peak memory")
         for ax in axes:
             ax.grid(True, alpha=0.3)
@@ -169,16 +167,45 @@ def plot(rows: list[dict], out: Path) -> list[str]:
     return files
 
 
+def summary(rows: list[dict]) -> str:
+    """The README's table: loss + gradient, one line per case, one column per runner that ran
+    (median ms, speed-up against the reference, peak MiB above the inputs), then why the others did not."""
+    done = [e for e in rows if e["case"]["backward"]]
+    names = list(dict.fromkeys(e["runner"] for e in done if e["status"] == "ok"))
+    cases = list(dict.fromkeys(json.dumps(e["case"]) for e in done))
+    out = ["| case | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for key in cases:
+        cells = {e["runner"]: e for e in done if json.dumps(e["case"]) == key}
+        line = [Case(**json.loads(key)).label.removesuffix(" loss+grad")]
+        for name in names:
+            e = cells.get(name)
+            if e is None or e["status"] != "ok":
+                line.append("n/a")
+            else:
+                pct = f", {e['floor_pct']:.0f}% floor" if "floor_pct" in e else ""
+                line.append(f"{e['median_ms']:.1f} ms ({e.get('speedup_vs_reference', float('nan')):.1f}x{pct}), "
+                            f"{e['peak_bytes'] / 2**20:.0f} MiB")  # fmt: skip
+        out.append("| " + " | ".join(line) + " |")
+    reasons: dict[str, list[str]] = {}
+    for e in done:
+        if e["status"] != "ok" and e["runner"] not in reasons.setdefault(e["status"][5:], []):
+            reasons[e["status"][5:]].append(e["runner"])
+    if reasons:
+        out += ["", "Not measured: " + "; ".join(f"{', '.join(f'`{r}`' for r in rs)}: {why}" for why, rs in reasons.items()) + "."]
+    return "\n".join(out)
+
+
 def readme_section(result: dict, out: Path) -> str:
     m = result["machine"]
     where = m.get("gpu") or f"{m['cpu']}, {m['cpu_threads']} threads, no GPU"
     rel = os.path.relpath(out, ROOT)
-    rows = [e for e in result["rows"] if e["case"]["backward"]]
     lines = [
         f"Measured by `python -m bench --device {m['device']}` on {m['date']}: {where}; torch {m['torch']}, "
-        f"triton {m['triton']}. All numbers and plots: [`{rel}/`]({rel}/). Loss + gradient:",
+        f"triton {m['triton']}. Loss + gradient, median time (speed-up against the reference measured in the same "
+        f"run) and peak memory above the inputs; every number (IQR, bytes per element, GB/s, the loss alone) is in "
+        f"[`{rel}/`]({rel}/).",
         "",
-        table(rows, m["device"] == "cuda"),
+        summary(result["rows"]),
         "",
     ]
     lines += [f"![{f}]({rel}/{f})" for f in result["plots"]]
@@ -202,7 +229,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--deadline", type=float, default=float("inf"),
                         help="seconds after which the remaining measurements are listed as skipped")
     parser.add_argument("--readme", action="store_true", help="rewrite the README's benchmark section from this run")
+    parser.add_argument("--render", type=Path, metavar="DIR",
+                        help="measure nothing: redraw DIR's plots and tables (and with --readme the README) from DIR/results.json")
     args = parser.parse_args(argv)
+    if args.render:
+        result = json.loads((args.render / "results.json").read_text())
+        result["plots"] = plot(result["rows"], args.render)
+        (args.render / "results.json").write_text(json.dumps(result, indent=1))
+        (args.render / "report.md").write_text(table(result["rows"], result["machine"]["device"] == "cuda") + "\n")
+        if args.readme:
+            update_readme(readme_section(result, args.render))
+        return
 
     device = args.device
     info = machine(device)
