@@ -59,26 +59,20 @@ def _why_not(name: str, device: torch.device) -> str | None:
         return None if extension.available() else "; ".join(extension.missing_tools())
     if device.type != "cuda" or not torch.cuda.is_available():
         return "it runs CUDA tensors on a GPU"
-    if not extension.available() or not (extension.cuda_buildable() or _compiled_with_cuda()):
-        return "the CUDA kernels are not built and nvcc or a CUDA build of torch is missing"
-    return None
-
-
-def _compiled_with_cuda() -> bool:
     module = extension.prebuilt()
-    return module is not None and bool(module.with_cuda())
+    if module is not None:
+        return None if module.with_cuda() else (
+            "drkl_kernels._C was built without its CUDA kernels: rebuild it with a CUDA build of torch and nvcc, "
+            "or set DRKL_KERNELS_JIT=1")  # fmt: skip
+    if not extension.available() or not extension.cuda_buildable():
+        return "the CUDA kernels are not built, and nvcc or a CUDA build of torch is missing"
+    return None
 
 
 def available_backends() -> list[str]:
     """Backends usable on this machine (for at least one device); nothing is built by asking."""
-    names = ["reference"]
-    if _triton() is not None and (triton_interpreted() or torch.cuda.is_available()):
-        names.append("triton")
-    if extension.available():
-        names.append("cpu")
-        if torch.cuda.is_available() and (extension.cuda_buildable() or _compiled_with_cuda()):
-            names.append("cuda")
-    return names
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    return [name for name in BACKENDS[1:] if any(_why_not(name, d) is None for d in devices)]
 
 
 @functools.cache
@@ -90,10 +84,8 @@ def _compiled_or_fallback(name: str, device: torch.device, fallback: str) -> str
     reason = _why_not(name, device)
     if reason is None:
         try:
-            module = extension.load()
-            if name == "cpu" or module.with_cuda():
-                return name
-            reason = "the compiled module has no CUDA kernels"
+            extension.load()
+            return name
         except extension.BuildError as err:
             reason = str(err)
     _warn_fallback(name, reason, fallback)
