@@ -100,7 +100,7 @@ DRKL_HD A weighted(A a, A d) {  // a * d with a == 0 terms exactly 0 (never NaN 
   return a == A(0) ? A(0) : a * d;
 }
 
-// exp(x) - 1 for |x| <= 1/2 (Taylor to x^8: relative error < 3e-8), vectorisable.
+// exp(x) - 1 for |x| <= 1/2 in float (Taylor to x^8: relative error < 3e-8), vectorisable.
 template <typename A>
 DRKL_HD A expm1_small(A x) {
   A p = A(1) + x / A(8);
@@ -112,6 +112,8 @@ DRKL_HD A expm1_small(A x) {
   p = A(1) + x / A(2) * p;
   return x * p;
 }
+
+DRKL_HD double expm1_small(double x) { return expm1(x); }  // float64 wants more than 8 terms
 
 template <typename A>
 DRKL_HD A exp_diff(A x, A y, A log_ratio) {  // y - x given log(y / x), without cancellation

@@ -128,7 +128,7 @@ def test_negative_infinity(kind, dtype, backend):
     t = torch.tensor([5, 6000, 8999, 2], device=DEVICE)
     z[:, 8000:8500] = u[:, 8000:8500] = float("-inf")  # padded vocabulary
     one_sided = torch.rand(4, vocab, generator=gen).to(DEVICE) < 0.3
-    one_sided[torch.arange(4), t] = False
+    one_sided[torch.arange(4, device=DEVICE), t] = False
     (u if kind == "fkl" else z).masked_fill_(one_sided, float("-inf"))
     if kind != "fkl":
         z[3] = float("-inf")
@@ -161,3 +161,22 @@ def test_nan_propagates(kind, backend):
     u[0, 3] = float("nan")
     assert torch.isnan(LOSSES[kind](z, u, None, backend=backend)).item()
     assert dk.available_backends()
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("reference", "cpu")])
+@pytest.mark.parametrize("kind", KINDS)
+def test_float64_logits_are_computed_in_float64(kind, backend):
+    """The reference and the CPU kernels compute float64 logits in float64 (loss and gradient)."""
+    from . import truth
+    from .helpers import LOSSES
+
+    gen = generator("float64", kind)
+    z, u = logits_pair(4, 3001, torch.float64, gen)
+    target = labels(4, 3001, gen)
+    zz = z.clone().requires_grad_(True)
+    loss = LOSSES[kind](zz, u, target, backend=backend, reduction="none")
+    loss.sum().backward()
+    want_loss, want_grad = truth.loss_and_grad(kind, z.cpu(), u.cpu(), target.cpu(), reduction="none")
+    assert loss.dtype == zz.grad.dtype == torch.float64
+    torch.testing.assert_close(loss.cpu(), want_loss, rtol=1e-12, atol=1e-14)
+    assert (zz.grad.cpu() - want_grad).norm() <= 1e-11 * want_grad.norm()
