@@ -34,7 +34,7 @@ def main() -> int:
             e = json.loads(line)
             w = worst[(e["backend"], e["dtype"])]
             w.update({k: max(w[k], e[k]) for k in keys}, checks=w["checks"] + 1)
-    print(f"\n| backend | dtype | checks | worst loss rel. err | loss err / tol | worst grad rel. err | grad err / tol |")
+    print("\n| backend | dtype | checks | worst loss rel. err | loss err / tol | worst grad rel. err | grad err / tol |")
     print("|---|---|---|---|---|---|---|")
     for (backend, dtype), w in sorted(worst.items()):
         print(f"| {backend} | {dtype} | {w['checks']} | {w['loss_rel']:.2e} | {w['loss']:.3f} | {w['grad_rel']:.2e} | {w['grad']:.3f} |")

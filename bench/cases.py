@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from typing import Callable
 
 import torch
@@ -120,8 +121,6 @@ def _reference_compiled_why_not(device: str, case: Case) -> str | None:
 
 
 def _has_compiler() -> bool:
-    import shutil
-
     return shutil.which(os.environ.get("CXX", "c++")) is not None
 
 
