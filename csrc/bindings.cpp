@@ -34,19 +34,44 @@ at::ScalarType acc_type(const at::Tensor& student) {
   return student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Whether two [rows, V] views share any byte (their address ranges overlap).
+bool overlaps(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  const auto span = [](const at::Tensor& t) {
+    const auto lo = reinterpret_cast<uintptr_t>(t.data_ptr());
+    return std::make_pair(lo, lo + ((t.size(0) - 1) * t.stride(0) + t.size(1)) * t.element_size());
+  };
+  const auto [a0, a1] = span(a);
+  const auto [b0, b1] = span(b);
+  return a0 < b1 && b0 < a1;
+}
+
 void forward(const at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& target,
-             at::Tensor& loss, const c10::optional<at::Tensor>& grad, const c10::optional<at::Tensor>& mean_scale,
-             int64_t divergence, int64_t pivot, double inv_tau, double gamma, int64_t ignore_index,
+             const c10::optional<at::Tensor>& loss, const c10::optional<at::Tensor>& entropy,
+             const c10::optional<at::Tensor>& grad, const c10::optional<at::Tensor>& record,
+             const c10::optional<at::Tensor>& mean_scale, int64_t divergence, int64_t pivot, int64_t phase,
+             double inv_tau, double gamma, double student_scale, double student_softcap, double teacher_scale,
+             double teacher_softcap, int64_t ignore_index, int64_t vocab_start, int64_t vocab_total,
              int64_t cuda_passes) {
   check_rows(student, "student_logits", student);
   check_rows(teacher, "teacher_logits", student);
   const int32_t s_dtype = dtype_code(student, "student_logits"), t_dtype = dtype_code(teacher, "teacher_logits");
-  TORCH_CHECK_TYPE(t_dtype == s_dtype || t_dtype == DRKL_F32,
-                   "teacher_logits must have the student's dtype or float32, got ", teacher.scalar_type());
-  TORCH_CHECK_VALUE(loss.is_contiguous() && loss.numel() == student.size(0) && loss.device() == student.device() &&
-                        loss.scalar_type() == acc_type(student),
-                    "loss must be a contiguous [rows] ", acc_type(student), " tensor on the logits' device");
+  TORCH_CHECK_TYPE((s_dtype == DRKL_F64) == (t_dtype == DRKL_F64),
+                   "float64 logits must be float64 on both sides, got ", student.scalar_type(), " and ",
+                   teacher.scalar_type());
+  TORCH_CHECK_VALUE(phase >= DRKL_FUSED && phase <= DRKL_FINISH, "unknown phase ", phase);
+  const auto acc = acc_type(student);
+  const auto check_row_values = [&](const c10::optional<at::Tensor>& t, const char* name) {
+    if (!t) return (void*)nullptr;
+    TORCH_CHECK_VALUE(t->is_contiguous() && t->numel() == student.size(0) && t->device() == student.device() &&
+                          t->scalar_type() == acc,
+                      name, " must be a contiguous [rows] ", acc, " tensor on the logits' device");
+    return t->data_ptr();
+  };
   drkl_args a{};
+  a.loss = check_row_values(loss, "loss");
+  a.entropy = check_row_values(entropy, "entropy");
+  TORCH_CHECK_VALUE(phase == DRKL_PARTIAL || loss.has_value(), "loss is required");
   if (target) {
     TORCH_CHECK_TYPE(target->scalar_type() == at::kLong || target->scalar_type() == at::kInt,
                      "target must be int64 or int32, got ", target->scalar_type());
@@ -59,29 +84,53 @@ void forward(const at::Tensor& student, const at::Tensor& teacher, const c10::op
   if (grad) {
     check_rows(*grad, "grad", student);
     TORCH_CHECK_TYPE(grad->scalar_type() == student.scalar_type(), "grad must have the student's dtype");
+    TORCH_CHECK_VALUE(grad->size(0) <= 1 || grad->stride(0) >= grad->size(1),
+                      "grad's rows overlap (row stride ", grad->stride(0), " < V = ", grad->size(1), ")");
+    TORCH_CHECK_VALUE(!overlaps(*grad, teacher), "grad must not share memory with teacher_logits");
+    const bool in_place = grad->data_ptr() == student.data_ptr() && grad->strides() == student.strides();
+    TORCH_CHECK_VALUE(in_place || !overlaps(*grad, student),
+                      "grad must be student_logits itself (in place) or not share memory with it");
     a.grad = grad->data_ptr();
     a.grad_stride = grad->stride(0);
   }
+  if (record) {
+    TORCH_CHECK_VALUE(record->is_contiguous() && record->dim() == 2 && record->size(0) == student.size(0) &&
+                          record->size(1) == DRKL_RECORD_WIDTH && record->scalar_type() == acc &&
+                          record->device() == student.device(),
+                      "record must be a contiguous [rows, ", DRKL_RECORD_WIDTH, "] ", acc,
+                      " tensor on the logits' device");
+    a.record = record->data_ptr();
+  }
+  TORCH_CHECK_VALUE(phase == DRKL_FUSED || record.has_value(), "record is required by the partial and finish phases");
   if (mean_scale) {
-    TORCH_CHECK_VALUE(mean_scale->numel() == 1 && mean_scale->scalar_type() == acc_type(student) &&
+    TORCH_CHECK_VALUE(mean_scale->numel() == 1 && mean_scale->scalar_type() == acc &&
                           mean_scale->device() == student.device(),
-                      "mean_scale must be one ", acc_type(student), " element on the logits' device");
+                      "mean_scale must be one ", acc, " element on the logits' device");
     a.mean_scale = mean_scale->data_ptr();
   }
   TORCH_CHECK_VALUE(divergence >= 0 && divergence <= 2 && pivot >= 0 && pivot <= 2, "unknown divergence or pivot");
+  TORCH_CHECK_VALUE(vocab_start >= 0 && vocab_start + student.size(1) <= vocab_total,
+                    "the slice [", vocab_start, ", ", vocab_start + student.size(1), ") is not inside [0, ",
+                    vocab_total, ")");
   a.student = student.data_ptr();
   a.teacher = teacher.data_ptr();
-  a.loss = loss.data_ptr();
   a.rows = student.size(0);
   a.vocab = student.size(1);
+  a.vocab_start = vocab_start;
+  a.vocab_total = vocab_total;
   a.student_stride = student.stride(0);
   a.teacher_stride = teacher.stride(0);
   a.student_dtype = s_dtype;
   a.teacher_dtype = t_dtype;
   a.divergence = static_cast<int32_t>(divergence);
   a.pivot = static_cast<int32_t>(pivot);
+  a.phase = static_cast<int32_t>(phase);
   a.inv_tau = inv_tau;
   a.gamma = gamma;
+  a.student_scale = student_scale;
+  a.student_softcap = student_softcap;
+  a.teacher_scale = teacher_scale;
+  a.teacher_softcap = teacher_softcap;
   a.ignore_index = ignore_index;
   a.num_threads = at::get_num_threads();
   a.cuda_passes = static_cast<int32_t>(cuda_passes);
@@ -134,10 +183,14 @@ bool with_cuda() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "drkl_kernels compiled kernels (CPU, and CUDA when built with it)";
-  m.def("forward", &forward, "Per-row losses and, if grad is given, the reduction-scaled gradient",
-        py::arg("student"), py::arg("teacher"), py::arg("target"), py::arg("loss"), py::arg("grad"),
-        py::arg("mean_scale"), py::arg("divergence"), py::arg("pivot"), py::arg("inv_tau"), py::arg("gamma"),
-        py::arg("ignore_index"), py::arg("cuda_passes") = 0);
+  m.def("forward", &forward,
+        "One call of the kernels (drkl_launch.h): per-row losses, entropies and the reduction-scaled gradient "
+        "(phase 0, fused), the records of a vocabulary slice (1), or the slice's outputs from merged records (2)",
+        py::arg("student"), py::arg("teacher"), py::arg("target"), py::arg("loss"), py::arg("entropy"),
+        py::arg("grad"), py::arg("record"), py::arg("mean_scale"), py::arg("divergence"), py::arg("pivot"),
+        py::arg("phase"), py::arg("inv_tau"), py::arg("gamma"), py::arg("student_scale"),
+        py::arg("student_softcap"), py::arg("teacher_scale"), py::arg("teacher_softcap"), py::arg("ignore_index"),
+        py::arg("vocab_start"), py::arg("vocab_total"), py::arg("cuda_passes") = 0);
   m.def("scale_grad", &scale_grad, "grad *= weight per row, in place; weight 1 rows untouched", py::arg("grad"),
         py::arg("weight"));
   m.def("with_cuda", &with_cuda, "Whether the CUDA kernels were compiled in");

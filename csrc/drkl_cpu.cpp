@@ -1,6 +1,9 @@
-// CPU kernels: the algorithm of the GPU kernels (drkl_math.h), rows in parallel with
-// OpenMP, chunks of 512 tokens per step so the exp loops vectorise. Two passes over a
-// row: the online tail statistics, then the gradient (when asked for).
+// CPU kernels: the algorithm of the GPU kernels (drkl_math.h), rows in parallel with OpenMP,
+// chunks of 512 tokens per step so the exp loops vectorise. Every student/teacher pair of
+// {float32, bfloat16, float16} (and float64 with float64) is read as it is, converted per chunk.
+// Three phases (drkl_launch.h): FUSED makes two passes over each row (the statistics, then the
+// gradient when asked for); PARTIAL makes the first and writes the record; FINISH reads the merged
+// record and makes the second.
 #include <string.h>
 
 #include "drkl_launch.h"
@@ -9,6 +12,8 @@
 namespace {
 
 using namespace drkl;
+
+static_assert(kWidth == DRKL_RECORD_WIDTH, "the record layout of drkl_math.h and drkl_launch.h");
 
 struct bf16_t {
   uint16_t bits;
@@ -53,93 +58,104 @@ inline bf16_t from_acc<bf16_t>(float v) {  // round to nearest even; NaN stays N
 
 constexpr int kChunk = 512;
 
+// n raw logits as A, and their transformed values.
+template <typename T, typename A>
+inline void load(const T* p, int n, const Xform<A>& xf, A* raw, A* out) {
+  for (int i = 0; i < n; ++i) raw[i] = to_acc(p[i]);
+  if (xf.capped) {
+    for (int i = 0; i < n; ++i) out[i] = xf.cap * tanh_(raw[i] * xf.scale * xf.inv_cap);
+  } else {
+    for (int i = 0; i < n; ++i) out[i] = raw[i] * xf.scale;
+  }
+}
+
+template <typename A>
+struct Sides {
+  Xform<A> s, t;
+};
+
 template <int DIV, int PIV, typename TS, typename TT>
-void row_forward(const drkl_args& a, int64_t row) {
+void row_run(const drkl_args& a, const Sides<typename AccOf<TS>::type>& xf, int64_t row) {
   using A = typename AccOf<TS>::type;
-  const int64_t V = a.vocab;
+  const int64_t V = a.vocab, start0 = a.vocab_start;
   const TS* z = static_cast<const TS*>(a.student) + row * a.student_stride;
   const TT* u = static_cast<const TT*>(a.teacher) + row * a.teacher_stride;
   TS* g = a.grad ? static_cast<TS*>(a.grad) + row * a.grad_stride : nullptr;
+  A* rec = a.record ? static_cast<A*>(a.record) + row * kWidth : nullptr;
   A* loss = static_cast<A*>(a.loss);
+  A* entropy = static_cast<A*>(a.entropy);
   const A inv = static_cast<A>(a.inv_tau), gamma = static_cast<A>(a.gamma);
 
-  int64_t t = -1;
-  A poison = 0;  // NaN for a label outside [0, V): never read out of bounds, never silent
+  int64_t label = -1;
+  A poison = 0;  // NaN for a label outside [0, vocab_total): never read out of bounds, never silent
   if (a.target) {
-    const int64_t label = a.target_is_int64 ? static_cast<const int64_t*>(a.target)[row]
-                                            : static_cast<const int32_t*>(a.target)[row];
+    label = a.target_is_int64 ? static_cast<const int64_t*>(a.target)[row] : static_cast<const int32_t*>(a.target)[row];
     if (label == a.ignore_index) {
+      if (a.phase == DRKL_PARTIAL) {
+        to_record(Tail<A>::empty(), Token<A>::none(), rec);
+        return;
+      }
       loss[row] = 0;
+      if (entropy) entropy[row] = 0;
       if (g)
         for (int64_t j = 0; j < V; ++j) g[j] = from_acc<TS>(A(0));
       return;
     }
-    const bool in_range = label >= 0 && label < V;
-    poison = in_range ? A(0) : static_cast<A>(NAN);
-    if (PIV == kLabel) t = in_range ? label : 0;
+    poison = label >= 0 && label < a.vocab_total ? A(0) : static_cast<A>(NAN);
   }
 
-  // Pass 1: tail statistics around the pivot.
+  A zr[kChunk], ur[kChunk], zc[kChunk], uc[kChunk];
   Tail<A> st = Tail<A>::empty();
-  Best<A> best = Best<A>::none();
-  A zc[kChunk], uc[kChunk];
-  for (int64_t start = 0; start < V; start += kChunk) {
-    const int n = static_cast<int>(V - start < kChunk ? V - start : kChunk);
-    for (int i = 0; i < n; ++i) {
-      zc[i] = to_acc(z[start + i]);
-      uc[i] = to_acc(u[start + i]);
-    }
-    take_chunk<DIV, PIV>(st, best, zc, uc, n, start, t, inv);
-  }
-  A z_t, u_t;
-  if (PIV == kLabel) {
-    z_t = to_acc(z[t]);
-    u_t = to_acc(u[t]);
+  Token<A> piv = Token<A>::none();
+  if (a.phase == DRKL_FINISH) {
+    from_record(rec, st, piv);
   } else {
-    t = best.idx;
-    z_t = best.z;
-    u_t = best.u;
+    // Pass 1: the statistics of the tokens other than the pivot.
+    for (int64_t start = 0; start < V; start += kChunk) {
+      const int n = static_cast<int>(V - start < kChunk ? V - start : kChunk);
+      load(z + start, n, xf.s, zr, zc);
+      load(u + start, n, xf.t, ur, uc);
+      take_chunk<DIV, PIV>(st, piv, zc, uc, n, start0 + start, PIV == kLabel ? label : -1, inv);
+    }
+    if (PIV == kLabel && label >= start0 && label < start0 + V) {
+      const int64_t j = label - start0;
+      piv = {label, xf.s.apply(to_acc(z[j])), xf.t.apply(to_acc(u[j]))};
+    }
+    if (a.phase == DRKL_PARTIAL) {
+      to_record(st, piv, rec);
+      return;
+    }
   }
-  const Row<A> r = finalize<DIV>(st, z_t, u_t, inv, gamma);
+  const Row<A> r = finalize<DIV>(st, piv.z, piv.u, inv, gamma);
   loss[row] = r.loss + poison;
+  if (entropy) entropy[row] = r.entropy + poison;
   if (!g) return;
 
-  // Pass 2: the gradient, then the zero-sum closure of a dominant tail token.
-  const A scale = inv * (a.mean_scale ? *static_cast<const A*>(a.mean_scale) : A(1));
-  Closure<A> closure = Closure<A>::empty();
+  // Pass 2: the gradient, times 1/tau, the mean's scale and the transform's derivative.
+  const A mean = a.mean_scale ? *static_cast<const A*>(a.mean_scale) : A(1);
+  const Grad<A> gr = gradient_of<DIV>(r, inv, inv * mean * (xf.s.capped ? A(1) : xf.s.scale));
+  const int64_t t = piv.idx - start0;  // the pivot's place in the slice (any value when outside)
   A gc[kChunk];
   for (int64_t start = 0; start < V; start += kChunk) {
     const int n = static_cast<int>(V - start < kChunk ? V - start : kChunk);
-    for (int i = 0; i < n; ++i) {
-      zc[i] = to_acc(z[start + i]);
-      uc[i] = to_acc(u[start + i]);
+    load(z + start, n, xf.s, zr, zc);
+    load(u + start, n, xf.t, ur, uc);
+    for (int i = 0; i < n; ++i) gc[i] = grad_at<DIV>(gr, zc[i], uc[i]);
+    if (t >= start && t < start + n) gc[t - start] = gr.g_t;
+    if (xf.s.capped) {
+      for (int i = 0; i < n; ++i) g[start + i] = from_acc<TS>((gc[i] + poison) * xf.s.deriv(zr[i]));
+    } else {
+      for (int i = 0; i < n; ++i) g[start + i] = from_acc<TS>(gc[i] + poison);
     }
-    for (int i = 0; i < n; ++i) gc[i] = grad_at<DIV>(r, zc[i], uc[i], inv) + poison;
-    if (t >= start && t < start + n) {  // the pivot: its own gradient, and no part in the top search
-      gc[t - start] = r.g_t + poison;
-      zc[t - start] = neg_inf<A>();
-    }
-    // The chunk's top (largest z, first index) and the sum of the rest, merged into the closure.
-    A top_z = neg_inf<A>();
-    DRKL_SIMD_MAX(top_z)
-    for (int i = 0; i < n; ++i) top_z = zc[i] > top_z ? zc[i] : top_z;
-    int j = 0;
-    while (j < n && !(zc[j] == top_z)) ++j;
-    if (!(top_z > neg_inf<A>()) || j == n) j = -1;
-    A rest = 0;
-    DRKL_SIMD_SUM(rest)
-    for (int i = 0; i < n; ++i) rest += i == j ? A(0) : gc[i];
-    closure.merge({rest, top_z, j >= 0 ? gc[j] : A(0), j >= 0 ? start + j : -1});
-    for (int i = 0; i < n; ++i) g[start + i] = from_acc<TS>(gc[i] * scale);
   }
-  if (closure.top >= 0 && student_tail_prob<DIV>(r, closure.top_z, inv) >= A(0.5))
-    g[closure.top] = from_acc<TS>(-closure.others * scale);
 }
 
 template <int DIV, int PIV, typename TS, typename TT>
 int run(const drkl_args& a) {
+  using A = typename AccOf<TS>::type;
+  const Sides<A> xf{Xform<A>::make(a.student_scale, a.student_softcap), Xform<A>::make(a.teacher_scale, a.teacher_softcap)};
 #pragma omp parallel for schedule(static) num_threads(a.num_threads > 0 ? a.num_threads : 1)
-  for (int64_t row = 0; row < a.rows; ++row) row_forward<DIV, PIV, TS, TT>(a, row);
+  for (int64_t row = 0; row < a.rows; ++row) row_run<DIV, PIV, TS, TT>(a, xf, row);
   return 0;
 }
 
@@ -150,6 +166,16 @@ int route(const drkl_args& a) {
     case kDRKL * 3 + kTeacherArgmax: return run<kDRKL, kTeacherArgmax, TS, TT>(a);
     case kRKL * 3 + kStudentArgmax: return run<kRKL, kStudentArgmax, TS, TT>(a);
     case kFKL * 3 + kTeacherArgmax: return run<kFKL, kTeacherArgmax, TS, TT>(a);
+    default: return -1;
+  }
+}
+
+template <typename TS>
+int route_teacher(const drkl_args& a) {
+  switch (a.teacher_dtype) {
+    case DRKL_F32: return route<TS, float>(a);
+    case DRKL_BF16: return route<TS, bf16_t>(a);
+    case DRKL_F16: return route<TS, f16_t>(a);
     default: return -1;
   }
 }
@@ -170,14 +196,13 @@ int scale_rows(const drkl_scale_args& a) {
 }  // namespace
 
 extern "C" int drkl_cpu_forward(const drkl_args* a) {
-  const int s = a->student_dtype, t = a->teacher_dtype;
-  if (s == DRKL_F32 && t == DRKL_F32) return route<float, float>(*a);
-  if (s == DRKL_BF16 && t == DRKL_BF16) return route<bf16_t, bf16_t>(*a);
-  if (s == DRKL_F16 && t == DRKL_F16) return route<f16_t, f16_t>(*a);
-  if (s == DRKL_BF16 && t == DRKL_F32) return route<bf16_t, float>(*a);
-  if (s == DRKL_F16 && t == DRKL_F32) return route<f16_t, float>(*a);
-  if (s == DRKL_F64 && t == DRKL_F64) return route<double, double>(*a);
-  return -1;
+  switch (a->student_dtype) {
+    case DRKL_F32: return route_teacher<float>(*a);
+    case DRKL_BF16: return route_teacher<bf16_t>(*a);
+    case DRKL_F16: return route_teacher<f16_t>(*a);
+    case DRKL_F64: return a->teacher_dtype == DRKL_F64 ? route<double, double>(*a) : -1;
+    default: return -1;
+  }
 }
 
 extern "C" int drkl_cpu_scale_grad(const drkl_scale_args* a) {

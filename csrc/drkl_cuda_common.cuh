@@ -1,13 +1,18 @@
-// Device helpers shared by the CUDA kernels: dtype conversion, 16-byte vector loads and
-// stores, and the reductions of per-thread row state across a warp, a block or a cluster.
+// Device pieces shared by the CUDA kernels: dtype conversion, the loads and stores of drkl_partition.h's
+// pieces (16 bytes of the wider side per thread, contiguous across a warp), and the reductions of the
+// per-thread Parts across a warp and a block. Loads: the student with plain (coherent) loads, since
+// the gradient may be written into it; the teacher through the read-only path (ld.global.nc), which
+// the binding guarantees no output aliases.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include "drkl_launch.h"
-#include "drkl_math.h"
+#include "drkl_partition.h"
 
 namespace drkl {
 
@@ -24,149 +29,172 @@ __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return
 template <>
 __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 
-// Elements of the student dtype per 16-byte vector: every vector load reads 16 bytes of the
-// student and as many elements (16 or 32 bytes) of the teacher.
-template <typename TS>
-constexpr int kVec = 16 / sizeof(TS);
+// Two floats rounded and packed into one word (one F2FP instruction for the 16-bit types).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float a, float b) {
+  if constexpr (sizeof(T) == 2) {
+    T lo = from_f<T>(a), hi = from_f<T>(b);
+    uint16_t l, h;
+    memcpy(&l, &lo, 2);
+    memcpy(&h, &hi, 2);
+    return static_cast<uint32_t>(l) | (static_cast<uint32_t>(h) << 16);
+  } else {
+    return __float_as_uint(a);
+  }
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+  uint32_t w;
+  memcpy(&w, &v, 4);
+  return w;
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
+  const __half2 v = __floats2half2_rn(a, b);
+  uint32_t w;
+  memcpy(&w, &v, 4);
+  return w;
+}
 
-// Load N consecutive elements at a 16-byte aligned address as floats.
-template <int N, typename T>
-__device__ __forceinline__ void load_vec(const T* p, float (&out)[N]) {
-  constexpr int kWords = N * sizeof(T) / 16;
-  static_assert(kWords >= 1 && kWords * 16 == N * sizeof(T), "vector of whole 16-byte words");
+// A vector of BYTES bytes.
+template <int BYTES>
+struct VecOf;
+template <>
+struct VecOf<16> {
+  using type = uint4;
+};
+template <>
+struct VecOf<8> {
+  using type = uint2;
+};
+template <>
+struct VecOf<4> {
+  using type = uint32_t;
+};
+
+// N consecutive elements at p (aligned to their size) as floats; NC: through the read-only path.
+template <int N, bool NC, typename T>
+__device__ __forceinline__ void load_elems(const T* p, float* out) {
+  using V = typename VecOf<N * sizeof(T)>::type;
+  V raw;
+  if constexpr (NC)
+    raw = __ldg(reinterpret_cast<const V*>(p));
+  else
+    raw = *reinterpret_cast<const V*>(p);
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {  // a bfloat16 is the top half of its float
+    uint32_t words[N / 2];
+    memcpy(words, &raw, sizeof raw);
 #pragma unroll
-  for (int w = 0; w < kWords; ++w) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p) + w);
-    const T* elems = reinterpret_cast<const T*>(&raw);
+    for (int w = 0; w < N / 2; ++w) {
+      out[2 * w] = __uint_as_float(words[w] << 16);
+      out[2 * w + 1] = __uint_as_float(words[w] & 0xffff0000u);
+    }
+  } else {
+    T elems[N];
+    memcpy(elems, &raw, sizeof raw);
 #pragma unroll
-    for (int i = 0; i < 16 / int(sizeof(T)); ++i) out[w * (16 / sizeof(T)) + i] = to_f(elems[i]);
+    for (int i = 0; i < N; ++i) out[i] = to_f(elems[i]);
   }
 }
 
 template <int N, typename T>
-__device__ __forceinline__ void store_vec(T* p, const float (&in)[N]) {
-  static_assert(N * sizeof(T) == 16, "one 16-byte word");
-  uint4 raw;
-  T* elems = reinterpret_cast<T*>(&raw);
+__device__ __forceinline__ void store_elems(T* p, const float* in) {
+  using V = typename VecOf<N * sizeof(T)>::type;
+  uint32_t words[sizeof(V) / 4];
 #pragma unroll
-  for (int i = 0; i < N; ++i) elems[i] = from_f<T>(in[i]);
-  *reinterpret_cast<uint4*>(p) = raw;
+  for (int w = 0; w < int(sizeof(V) / 4); ++w) {
+    if constexpr (sizeof(T) == 4)
+      words[w] = __float_as_uint(in[w]);
+    else
+      words[w] = pack2<T>(in[2 * w], in[2 * w + 1]);
+  }
+  V raw;
+  memcpy(&raw, words, sizeof raw);
+  *reinterpret_cast<V*>(p) = raw;
 }
 
-__device__ __forceinline__ float shfl(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+template <typename T>
+__device__ __forceinline__ float load_nc(const T* p) {
+  return to_f(__ldg(p));
+}
+
+// A row's logits in global memory (drkl_partition.h's Src).
+template <typename TS, typename TT>
+struct GlobalSrc {
+  const TS* z;
+  const TT* u;
+  template <int Q>
+  __device__ __forceinline__ void piece(int32_t pos, float* zo, float* uo) const {
+    load_elems<Q, false>(z + pos, zo);
+    load_elems<Q, true>(u + pos, uo);
+  }
+  __device__ __forceinline__ void scalar(int32_t pos, float& zo, float& uo) const {
+    zo = to_f(z[pos]);
+    uo = load_nc(u + pos);
+  }
+  __device__ __forceinline__ void wait_tile(int32_t) const {}
+  __device__ __forceinline__ void wait_all() const {}
+};
+
+// A row's gradient in global memory (drkl_partition.h's Dst).
+template <typename TS>
+struct GlobalDst {
+  TS* g;
+  template <int Q>
+  __device__ __forceinline__ void piece(int32_t pos, const float* v) const {
+    store_elems<Q>(g + pos, v);
+  }
+  __device__ __forceinline__ void scalar(int32_t pos, float v) const { g[pos] = from_f<TS>(v); }
+};
+
+template <typename T>
+__device__ __forceinline__ T shfl(T v, int mask) {
+  return __shfl_xor_sync(0xffffffffu, v, mask);
+}
 __device__ __forceinline__ int64_t shfl(int64_t v, int mask) {
   return static_cast<int64_t>(__shfl_xor_sync(0xffffffffu, static_cast<long long>(v), mask));
 }
 
-// The state of one thread's share of a row: tail statistics and the held-out best.
-struct Part {
-  Tail<float> st;
-  Best<float> best;
-};
-
-template <int DIV, int PIV>
-__device__ __forceinline__ void merge_into(Part& p, const Part& o, float inv_tau) {
-  merge_parts<DIV, PIV>(p.st, p.best, o.st, o.best, inv_tau);
+__device__ __forceinline__ Part shfl(const Part& p, int mask) {
+  Part o;
+  o.st = {shfl(p.st.m_x, mask), shfl(p.st.s_x, mask), shfl(p.st.m_y, mask), shfl(p.st.s_y, mask),
+          shfl(p.st.acc, mask), shfl(p.st.ent, mask), shfl(p.st.top_y, mask), shfl(p.st.top, mask)};
+  o.piv = {shfl(p.piv.idx, mask), shfl(p.piv.z, mask), shfl(p.piv.u, mask)};
+  return o;
 }
 
-// Butterfly over a warp: every lane ends with the merge of all 32 (symmetric merges: same bits).
+// Butterfly over groups of `width` lanes (a power of two up to 32): every lane of a group ends with
+// the merge of the group, bit for bit the same (merges are symmetric). All 32 lanes take part.
 template <int DIV, int PIV>
-__device__ __forceinline__ void warp_merge(Part& p, float inv_tau) {
-#pragma unroll
-  for (int mask = 16; mask > 0; mask >>= 1) {
-    Part o;
-    o.st = {shfl(p.st.m_x, mask), shfl(p.st.s_x, mask), shfl(p.st.m_y, mask), shfl(p.st.s_y, mask),
-            shfl(p.st.acc, mask)};
-    o.best = {shfl(p.best.idx, mask), shfl(p.best.key, mask), shfl(p.best.z, mask), shfl(p.best.u, mask)};
-    merge_into<DIV, PIV>(p, o, inv_tau);
-  }
+__device__ __forceinline__ void butterfly(Part& p, int width, float inv_tau) {
+  for (int mask = width / 2; mask > 0; mask >>= 1) merge_into<DIV, PIV>(p, shfl(p, mask), inv_tau);
 }
 
-// Over all warps of a block (one row per block): every thread ends with the same merge,
-// taken over the warps in order. `scratch` holds one Part per warp.
+__device__ __forceinline__ int pow2_at_least(int n) {
+  int w = 1;
+  while (w < n) w *= 2;
+  return w;
+}
+
+// The merge of a block's threads (one row per block), left in warp 0 (every lane of it alike):
+// butterflies in every warp, then warp 0 merges the warps' results as a tree.
 template <int DIV, int PIV>
 __device__ __forceinline__ void block_merge(Part& p, Part* scratch, float inv_tau) {
-  warp_merge<DIV, PIV>(p, inv_tau);
-  const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  if (threadIdx.x % 32 == 0) scratch[warp] = p;
+  butterfly<DIV, PIV>(p, 32, inv_tau);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  if (lane == 0) scratch[warp] = p;
   __syncthreads();
-  p = scratch[0];
-  for (int w = 1; w < warps; ++w) merge_into<DIV, PIV>(p, scratch[w], inv_tau);
-  __syncthreads();  // scratch is reused
-}
-
-__device__ __forceinline__ void warp_merge(Closure<float>& c) {
-#pragma unroll
-  for (int mask = 16; mask > 0; mask >>= 1) {
-    const Closure<float> o{shfl(c.others, mask), shfl(c.top_z, mask), shfl(c.top_g, mask), shfl(c.top, mask)};
-    c.merge(o);
+  if (warp == 0) {
+    p = lane < warps ? scratch[lane] : Part::empty();
+    butterfly<DIV, PIV>(p, pow2_at_least(warps), inv_tau);
   }
 }
 
-__device__ __forceinline__ void block_merge(Closure<float>& c, Closure<float>* scratch) {
-  warp_merge(c);
-  const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  if (threadIdx.x % 32 == 0) scratch[warp] = c;
-  __syncthreads();
-  c = scratch[0];
-  for (int w = 1; w < warps; ++w) c.merge(scratch[w]);
-  __syncthreads();
-}
-
-// The gradient of N consecutive tokens from base: the pivot's own value at t, NaN poison for a
-// bad label, each token shown to the closure, then scaled for storage.
-template <int DIV, int N>
-__device__ __forceinline__ void gradient_chunk(const Row<float>& r, int64_t t, float poison, float inv_tau,
-                                               float scale, int64_t base, const float (&zc)[N],
-                                               const float (&uc)[N], float (&gc)[N], Closure<float>& c) {
-#pragma unroll
-  for (int k = 0; k < N; ++k) {
-    const int64_t j = base + k;
-    gc[k] = (j == t ? r.g_t : grad_at<DIV>(r, zc[k], uc[k], inv_tau)) + poison;
-    c.see(j, j == t ? -INFINITY : zc[k], gc[k]);
-    gc[k] *= scale;
-  }
-}
-
-// Pointers of one row.
-template <typename TS, typename TT>
-struct RowPtrs {
-  const TS* z;
-  const TT* u;
-  TS* g;
-  __device__ RowPtrs(const drkl_args& a, int64_t row)
-      : z(static_cast<const TS*>(a.student) + row * a.student_stride),
-        u(static_cast<const TT*>(a.teacher) + row * a.teacher_stride),
-        g(a.grad ? static_cast<TS*>(a.grad) + row * a.grad_stride : nullptr) {}
-};
-
-// The label of a row, whether it counts, NaN poison for a label outside [0, V), and for
-// PIV == kLabel the label's logits, read first: an in-place gradient overwrites them later.
-struct Label {
-  bool counted;
-  int64_t pivot;  // the label for PIV == kLabel (0 when out of range), else -1
-  float poison, z_t, u_t;
-};
-
-template <int PIV, typename TS, typename TT>
-__device__ __forceinline__ Label read_label(const drkl_args& a, int64_t row, const RowPtrs<TS, TT>& p) {
-  Label l{true, -1, 0.f, -INFINITY, -INFINITY};
-  if (a.target == nullptr) return l;
-  const int64_t label = a.target_is_int64 ? static_cast<const int64_t*>(a.target)[row]
-                                          : static_cast<const int32_t*>(a.target)[row];
-  l.counted = label != a.ignore_index;
-  const bool in_range = label >= 0 && label < a.vocab;
-  l.poison = in_range ? 0.f : NAN;
-  if (PIV == kLabel && l.counted) {
-    l.pivot = in_range ? label : 0;
-    l.z_t = to_f(p.z[l.pivot]);
-    l.u_t = to_f(p.u[l.pivot]);
-  }
-  return l;
-}
-
-// Launchers implemented per file.
-int launch_two_pass(const drkl_args& a, bool vec, cudaStream_t stream);
-int launch_single_pass_sm90(const drkl_args& a, bool vec, cudaStream_t stream, bool* launched);
+// Launchers implemented per file; each returns a cudaError_t.
+int launch_two_pass(const drkl_args& a, cudaStream_t stream);
+// The single-pass cluster kernel when it is built for this GPU and a cluster holds the row;
+// *launched says whether it ran.
+int launch_single_pass_sm90(const drkl_args& a, cudaStream_t stream, bool* launched);
 
 }  // namespace drkl
