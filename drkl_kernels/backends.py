@@ -1,26 +1,56 @@
 """Backend registry: what runs here, and what ``backend="auto"`` picks (SPEC §4).
 
-A kernel backend is a module with ``forward(problem, want_grad)``, returning
-per-row losses and the reduction-scaled gradient, and ``scale_grad_(grad,
-upstream)``; ``"reference"`` is PyTorch with its own autograd function.
+Every backend is a module with the two phases of the kernel contract (``record``)
+and their fusion:
 
-"auto": CUDA tensors use the compiled CUDA kernels if they are built (or
-buildable), else Triton; CPU tensors use the compiled CPU kernels if built
+- ``forward(p, want_grad) -> (loss_rows, entropy_rows | None, grad | None)``: one
+  launch over whole rows; the gradient is scaled for the reduction (1/n for "mean"),
+  in the student's dtype, written into the student when ``p.inplace_backward``;
+  entropies only when ``p.return_entropy``;
+- ``partial(p) -> records``: ``[rows, record.WIDTH]`` statistics of the slice of the
+  vocabulary ``p`` holds (``p.vocab_start``, ``p.vocab_total``);
+- ``finish(p, merged, want_grad)``: ``forward``'s outputs for that slice from the
+  merged records of the whole rows;
+- ``scale_grad_(grad, upstream)``: the backward, in place.
+
+``"reference"`` is PyTorch (``reference.py``); the public API gives it its own
+autograd function, which recomputes the gradient in backward.
+
+"auto": CUDA tensors use the compiled CUDA kernels only on the architectures
+where they have passed the GPU check (``bench/gpu_check.py`` records them in
+``bench/results/cuda_checked.json``; until a GPU has run them none is), else
+Triton (else the reference); CPU tensors use the compiled CPU kernels if built
 (or buildable), else Triton under ``TRITON_INTERPRET=1``, else the reference.
 A compiled backend that fails to build makes "auto" fall back with a
-one-time warning.
+one-time warning. ``backend="cuda"`` runs the CUDA kernels wherever they are
+built.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import warnings
+from pathlib import Path
 
 import torch
 
 from . import extension
 
 BACKENDS = ("auto", "reference", "triton", "cpu", "cuda")
+CUDA_CHECKED = Path(__file__).resolve().parent.parent / "bench" / "results" / "cuda_checked.json"
+
+
+def cuda_checked(capability: tuple[int, int], record: Path | None = None) -> bool:
+    """Whether the CUDA kernels have passed the GPU check on an architecture (compute capability),
+    as ``bench/gpu_check.py`` records it: ``{"sm_90": {"gpu": ..., "date": ..., "commit": ...,
+    "passed": true}, ...}``."""
+    try:
+        checks = json.loads((record or CUDA_CHECKED).read_text())
+    except (OSError, ValueError):
+        return False
+    entry = checks.get(f"sm_{capability[0]}{capability[1]}") if isinstance(checks, dict) else None
+    return isinstance(entry, dict) and entry.get("passed") is True
 
 
 @functools.cache
@@ -70,7 +100,9 @@ def _why_not(name: str, device: torch.device) -> str | None:
 
 
 def available_backends() -> list[str]:
-    """Backends usable on this machine (for at least one device); nothing is built by asking."""
+    """Backends usable on this machine (for at least one device); nothing is built by asking.
+    "cuda" is listed wherever its kernels are built, though "auto" picks it only on the
+    architectures recorded as checked (``cuda_checked``)."""
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     return [name for name in BACKENDS[1:] if any(_why_not(name, d) is None for d in devices)]
 
@@ -98,7 +130,10 @@ def resolve(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type == "cuda":
-            return _compiled_or_fallback("cuda", device, "triton" if _why_not("triton", device) is None else "reference")
+            fallback = "triton" if _why_not("triton", device) is None else "reference"
+            if not cuda_checked(torch.cuda.get_device_capability(device)):
+                return fallback
+            return _compiled_or_fallback("cuda", device, fallback)
         fallback = "triton" if triton_interpreted() else "reference"
         return _compiled_or_fallback("cpu", device, fallback) if device.type == "cpu" else fallback
     reason = _why_not(backend, device)
@@ -108,9 +143,13 @@ def resolve(backend: str, device: torch.device) -> str:
 
 
 def kernels(name: str):
-    """The kernel module of a concrete backend other than "reference"."""
+    """The kernel module of a concrete backend."""
     if name == "triton":
         return _triton()
+    if name == "reference":
+        from . import reference
+
+        return reference
     from . import compiled_kernels
 
     return compiled_kernels
