@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -10,6 +11,7 @@ import zlib
 import torch
 
 import drkl_kernels as dk
+from drkl_kernels import backends
 
 from . import truth
 
@@ -46,20 +48,55 @@ def labels(rows, vocab, gen, *, ignored=0.25, lead=None):
     return t.reshape(lead if lead is not None else (rows,)).to(DEVICE)
 
 
-def run(kind, backend, student, teacher, target, *, reduction="mean", upstream=None, inplace=False, **kw):
-    """Loss and student gradient through the public API; checks the inputs were not written to."""
-    z = student.clone().requires_grad_(True)
-    z_before, u_before = student.clone(), teacher.clone()
+INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def same_layout(x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` with its sizes, strides and storage offset, in a storage of its own that also
+    copies the bytes around the view (so a write outside the view shows)."""
+    out = torch.empty(0, dtype=x.dtype, device=x.device)
+    return out.set_(x.untyped_storage().clone(), x.storage_offset(), x.size(), x.stride())
+
+
+def storage_bytes(x: torch.Tensor) -> torch.Tensor:
+    """Every byte of the storage under ``x`` (the view and what lies around it)."""
+    return torch.empty(0, dtype=torch.uint8, device=x.device).set_(x.untyped_storage())
+
+
+def run(kind, backend, student, teacher, target, *, reduction="mean", upstream=None, inplace=False, record=None,
+        **kw):  # fmt: skip
+    """Loss and student gradient through the public API, the student passed in the caller's layout
+    (a leaf with the caller's strides). Checks that no input was written to, except the student's
+    view with ``inplace`` on a fused backend: there the gradient is that view's memory, with its
+    strides, and the bytes around the view are untouched. ``record``: a context (``Recording``)
+    entered around the loss call and its backward only."""
+    z = same_layout(student).requires_grad_(True)
+    z_bytes, u_bytes = storage_bytes(z).clone(), storage_bytes(teacher).clone()
     t_before = None if target is None else target.clone()
-    loss = LOSSES[kind](z, teacher, target, backend=backend, reduction=reduction, inplace_backward=inplace, **kw)
+    with record if record is not None else contextlib.nullcontext():
+        loss = LOSSES[kind](z, teacher, target, backend=backend, reduction=reduction, inplace_backward=inplace, **kw)
+        entropy = None
+        if kw.get("return_entropy"):
+            loss, entropy = loss
+        (grad,) = torch.autograd.grad(loss, z, torch.ones_like(loss) if upstream is None else upstream)
+    if entropy is not None:
+        assert entropy.dtype == torch.float32 and entropy.shape == loss.shape and not entropy.requires_grad
     assert loss.dtype == torch.float32
-    loss.backward(torch.ones_like(loss) if upstream is None else upstream)
-    assert torch.equal(teacher, u_before), "teacher_logits were modified"
+    assert torch.equal(storage_bytes(teacher), u_bytes), "teacher_logits were modified"
     assert target is None or torch.equal(target, t_before), "target was modified"
-    if not inplace:
-        assert torch.equal(z.detach(), z_before), "student_logits were modified"
-    assert z.grad.dtype == student.dtype and z.grad.shape == student.shape
-    return loss.detach(), z.grad
+    assert grad.dtype == student.dtype and grad.shape == student.shape
+    if inplace and backends.resolve(backend, z.device) != "reference":
+        assert grad.data_ptr() == z.data_ptr() and grad.stride() == z.stride(), (
+            "the gradient is not the student's memory"
+        )
+        written = torch.zeros_like(z_bytes)
+        written.view(INT_OF_SIZE[z.element_size()]).as_strided(z.size(), z.stride(), z.storage_offset()).fill_(-1)
+        assert torch.equal(storage_bytes(z)[written == 0], z_bytes[written == 0]), "wrote outside the student's view"
+    else:
+        assert torch.equal(storage_bytes(z), z_bytes), "student_logits were modified"
+    if entropy is not None:
+        return loss.detach(), grad, entropy
+    return loss.detach(), grad
 
 
 def assert_loss_close(got, want) -> tuple[float, float]:
@@ -70,7 +107,9 @@ def assert_loss_close(got, want) -> tuple[float, float]:
     tol = torch.clamp(1e-5 * want.abs(), min=1e-6)
     err = (got - want).abs()
     bad = ~(err <= tol)
-    assert not bad.any(), f"loss error {err[bad].max().item():.3g} > tol; got {got[bad][:4].tolist()} want {want[bad][:4].tolist()}"
+    assert not bad.any(), (
+        f"loss error {err[bad].max().item():.3g} > tol; got {got[bad][:4].tolist()} want {want[bad][:4].tolist()}"
+    )
     if not err.numel():
         return 0.0, 0.0
     sizable = want.abs() >= 0.1  # where the relative tolerance is the binding one
@@ -83,33 +122,73 @@ def assert_loss_close(got, want) -> tuple[float, float]:
 GRAD_FLOOR = {torch.float32: 2.0**-126, torch.bfloat16: 2.0**-126, torch.float16: 2.0**-24}
 
 
-def assert_grad_close(got, want, dtype) -> tuple[float, float]:
-    """Norm-wise relative error <= GRAD_TOL, allowing what the storage dtype cannot represent.
-    Returns the error as a fraction of the allowance, and the plain norm-wise relative error
-    (0 when the gradient is too small for the storage dtype to make that meaningful)."""
-    got, want = got.double().cpu(), want.double()
+def capped_grad_tol(dtype, softcap: float, temperature: float) -> float:
+    """The gradient tolerance with a soft cap: SPEC §6's, widened in float32 to 2.5e-7 cap / tau
+    where that is larger (cap / tau > 40). A capped logit is rounded relative to its magnitude (up
+    to cap), so its differences carry 2^-24 cap of absolute error into an exponent divided by tau:
+    measured over 40 seeds, per-row worst 1.7e-5 at cap / tau = 100 (reference and cpu alike), 8.5e-6
+    at 60, 3.8e-6 at 50. See README, Accuracy."""
+    if dtype != torch.float32:
+        return GRAD_TOL[dtype]
+    return max(GRAD_TOL[dtype], 2.5e-7 * softcap / temperature)
+
+
+def assert_grad_close(got, want, dtype, tol: float | None = None) -> tuple[float, float]:
+    """Per row of ``[..., V]`` (so for the whole tensor too): ``||got - want|| <= tol ||want||
+    + ||min(|want|, GRAD_FLOOR)||``, the norm-wise relative error of SPEC §6 plus, as the only
+    exemption, what the storage dtype cannot hold: each element below GRAD_FLOOR may be lost, and
+    an element beyond the dtype's largest finite value (a float16 gradient of 1e5: two tied top
+    logits at tau 0.05) must round to that value or to infinity, with its sign, and leaves the norms.
+    ``tol`` is SPEC §6's GRAD_TOL unless given. Returns the worst row's error as a fraction of its allowance, and the worst norm-wise relative
+    error over the rows large enough for the storage dtype to make that meaningful."""
+    vocab = want.shape[-1] if want.dim() else 1
+    got, want = got.double().cpu().reshape(-1, vocab), want.double().reshape(-1, vocab)
+    tol = GRAD_TOL[dtype] if tol is None else tol
+    top = torch.finfo(dtype).max
+    # stored as the largest value or inf, with its sign: required beyond the range, allowed where
+    # an error within the tolerance can cross the largest value's rounding boundary
+    rounded = (got.sign() == want.sign()) & (got.abs() >= top)
+    beyond = want.abs() > top
+    assert (rounded | ~beyond).all(), "a gradient beyond the dtype's range is not stored as its largest value or inf"
+    at_edge = rounded & (want.abs() * (1 + tol) >= top)
+    got, want = got.masked_fill(at_edge, 0.0), want.masked_fill(at_edge, 0.0)
     assert torch.isfinite(got).all(), "non-finite gradient"
-    err = (got - want).norm().item()
-    allowed = GRAD_TOL[dtype] * want.norm().item() + GRAD_FLOOR[dtype] * want.numel() ** 0.5
-    assert err <= allowed, f"gradient error {err:.3g} > {allowed:.3g} (rel. {err / max(want.norm().item(), 1e-300):.3g}, {dtype})"
-    norm = want.norm().item()
-    representable = GRAD_TOL[dtype] * norm > GRAD_FLOOR[dtype] * want.numel() ** 0.5
-    return (err / allowed if allowed else 0.0), (err / norm if representable else 0.0)
+    err, norm = (got - want).norm(dim=-1), want.norm(dim=-1)
+    unstorable = want.abs().clamp(max=GRAD_FLOOR[dtype]).norm(dim=-1)
+    allowed = tol * norm + unstorable
+    bad = err > allowed
+    if bad.any():
+        r = int((err - allowed).argmax())
+        raise AssertionError(
+            f"gradient row {r} of {len(err)}: error {err[r]:.3g} > {allowed[r]:.3g} (row norm {norm[r]:.3g}, "
+            f"rel. {err[r] / max(norm[r].item(), 1e-300):.3g}, {dtype}); {int(bad.sum())} rows fail"
+        )
+    if not len(err):
+        return 0.0, 0.0
+    fraction = torch.where(allowed > 0, err / allowed, 0.0).max().item()
+    meaningful = tol * norm > unstorable
+    return fraction, (err[meaningful] / norm[meaningful]).max().item() if meaningful.any() else 0.0
 
 
-def check(kind, backend, student, teacher, target, *, reduction="mean", upstream=None, inplace=False, **kw):
+def check(kind, backend, student, teacher, target, *, reduction="mean", upstream=None, inplace=False, record=None,
+          grad_tol=None, **kw):  # fmt: skip
     """Parity of one backend with the float64 truth, loss and gradient.
 
     With DRKL_ERROR_LOG set, appends one JSON line per check to that file: the backend, dtype,
     and the loss and gradient errors as fractions of their SPEC §6 tolerances.
     """
-    loss, grad = run(kind, backend, student, teacher, target, reduction=reduction, upstream=upstream, inplace=inplace, **kw)
-    want_loss, want_grad = truth.loss_and_grad(
+    got = run(kind, backend, student, teacher, target, reduction=reduction, upstream=upstream, inplace=inplace,
+              record=record, **kw)  # fmt: skip
+    kw = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    want = truth.loss_and_grad(
         kind, student.cpu(), teacher.cpu(), None if target is None else target.cpu(),
         reduction=reduction, upstream=None if upstream is None else upstream.cpu(), **kw,
     )  # fmt: skip
+    (loss, grad), (want_loss, want_grad) = got[:2], want[:2]
+    if kw.get("return_entropy"):
+        assert_loss_close(got[2], want[2])
     loss_err = assert_loss_close(loss, want_loss)
-    grad_err = assert_grad_close(grad, want_grad, student.dtype)
+    grad_err = assert_grad_close(grad, want_grad, student.dtype, grad_tol)
     if os.environ.get("DRKL_ERROR_LOG"):
         with open(os.environ["DRKL_ERROR_LOG"], "a") as f:
             f.write(json.dumps({"backend": backend, "dtype": str(student.dtype).removeprefix("torch."), "kind": kind,

@@ -26,8 +26,9 @@ def _lsm(x):
 
 
 def _softplus(x):
-    """log(1 + exp(x)) in float64, exact in both tails."""
-    return torch.where(x > 0, x + torch.log1p(torch.exp(-x.abs())), torch.log1p(torch.exp(-x.abs())))
+    """log(1 + exp(x)) in float64, exact in both tails, with the derivative sigmoid(x) everywhere
+    (a form through |x| would give autograd's derivative 0 at x == 0, i.e. at exact ties)."""
+    return torch.logaddexp(torch.zeros_like(x), x)
 
 
 def _kl(log_a, log_b):
@@ -56,16 +57,35 @@ def _terms(kind, s, r, t, gamma):
     return [(binary, 1.0, t), (tail, gamma, s_nt.detach().argmax(-1))]
 
 
-def loss_and_grad(kind, student, teacher, target, *, reduction="mean", upstream=None,
-                  gamma=0.5, temperature=1.0, ignore_index=-100):  # fmt: skip
-    """Float64 reduced loss of ``kind`` in {"fkl", "rkl", "drkl"} and d(loss * upstream)/d(student)."""
+def transform(x, scale=1.0, softcap=None):
+    """SPEC §4's logit transform in float64, and its derivative (1 - tanh^2 without cancelling)."""
+    y = x * scale
+    if softcap is None:
+        return y, torch.full_like(x, scale)
+    e = torch.exp(-2 * (y / softcap).abs())
+    return softcap * torch.tanh(y / softcap), scale * 4 * e / (1 + e) ** 2
+
+
+def _divisor(valid, num_items_in_batch):
+    if num_items_in_batch is None:
+        return valid.sum().clamp(min=1)
+    return torch.as_tensor(num_items_in_batch, dtype=torch.float64).cpu().clamp(min=1)
+
+
+def loss_and_grad(kind, student, teacher, target, *, reduction="mean", upstream=None, gamma=0.5, temperature=1.0,
+                  ignore_index=-100, student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None,
+                  teacher_softcap=None, num_items_in_batch=None, return_entropy=False):  # fmt: skip
+    """Float64 reduced loss of ``kind`` in {"fkl", "rkl", "drkl"} and d(loss * upstream)/d(student);
+    with ``return_entropy``, also the student's entropy H(q) reduced like the loss."""
     V = student.shape[-1]
-    z = student.detach().double().reshape(-1, V).requires_grad_(True)
-    s, r = z / temperature, teacher.detach().double().reshape(-1, V) / temperature
+    zt, dzt = transform(student.detach().double().reshape(-1, V), student_logit_scale, student_softcap)
+    ut, _ = transform(teacher.detach().double().reshape(-1, V), teacher_logit_scale, teacher_softcap)
+    zt = zt.requires_grad_(True)
+    s, r = zt / temperature, ut / temperature
     rows = s.shape[0]
     valid = torch.ones(rows, dtype=torch.bool) if target is None else target.reshape(-1) != ignore_index
     if kind == "drkl":
-        t = teacher.reshape(-1, V).argmax(-1) if target is None else torch.where(valid, target.reshape(-1), 0).long()
+        t = ut.argmax(-1) if target is None else torch.where(valid, target.reshape(-1), 0).long()
     else:
         t = None
     # d(loss * upstream)/d(row loss), per row
@@ -74,23 +94,32 @@ def loss_and_grad(kind, student, teacher, target, *, reduction="mean", upstream=
     else:
         weight = torch.full((rows,), 1.0 if upstream is None else float(upstream), dtype=torch.float64)
         if reduction == "mean":
-            weight = weight / valid.sum().clamp(min=1)
+            weight = weight / _divisor(valid, num_items_in_batch)
     weight = torch.where(valid, weight, 0.0)
 
     loss_rows = torch.zeros(rows, dtype=torch.float64)
-    grad = torch.zeros_like(z)
+    grad = torch.zeros_like(zt)
     for piece, factor, close in _terms(kind, s, r, t, gamma):
         piece = torch.where(valid, piece, torch.zeros_like(piece))
         loss_rows = loss_rows + factor * piece.detach()
         if piece.requires_grad and factor:
-            (g,) = torch.autograd.grad((piece * weight).sum(), z, retain_graph=True)
+            (g,) = torch.autograd.grad((piece * weight).sum(), zt, retain_graph=True)
             k = close.unsqueeze(-1)
             g = g.scatter(-1, k, -g.scatter(-1, k, 0.0).sum(-1, keepdim=True))
             grad = grad + factor * g
+    grad = grad * dzt  # the closure holds for the transformed logits; then the chain rule
+    reduce = lambda v: _reduce(v, valid, reduction, num_items_in_batch, student.shape[:-1])  # noqa: E731
+    out = (reduce(loss_rows), grad.reshape(student.shape))
+    if return_entropy:
+        ls = _lsm(s.detach())
+        q = ls.exp()
+        h = -(q * torch.where(q > 0, ls, torch.zeros_like(ls))).sum(-1)
+        out += (reduce(torch.where(valid, h, 0.0)),)
+    return out
+
+
+def _reduce(rows, valid, reduction, num_items_in_batch, lead_shape):
     if reduction == "none":
-        loss = loss_rows.reshape(student.shape[:-1])
-    else:
-        loss = loss_rows.sum()
-        if reduction == "mean":
-            loss = loss / valid.sum().clamp(min=1)
-    return loss, grad.reshape(student.shape)
+        return rows.reshape(lead_shape)
+    total = rows.sum()
+    return total / _divisor(valid, num_items_in_batch) if reduction == "mean" else total
