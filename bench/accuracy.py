@@ -1,7 +1,8 @@
 """Worst error against the float64 truth, per backend and dtype: ``python -m bench.accuracy``.
 
 Runs the parity and gradient suites (tests/test_parity.py, tests/test_gradients.py: every
-SPEC §6 regime) with DRKL_ERROR_LOG set and reports, per backend and dtype, the worst
+SPEC §6 regime) and the fused linear suite (tests/test_fused_linear.py: rows "<backend> (fused
+linear)", one per gradient's storage dtype) with DRKL_ERROR_LOG set and reports, per backend and dtype, the worst
 relative loss error (over losses of magnitude >= 0.1, where the relative tolerance binds), the worst norm-wise relative
 gradient error, and each worst error as a fraction of its SPEC §6 tolerance (loss:
 max(1e-5 |loss|, 1e-6); gradient: 1e-5 / 8e-3 / 1e-3 of the norm in fp32 / bf16 / fp16,
@@ -26,7 +27,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "errors.jsonl"
         env = {**os.environ, "DRKL_ERROR_LOG": str(log)}
-        cmd = [sys.executable, "-m", "pytest", "-q", "tests/test_parity.py", "tests/test_gradients.py", *sys.argv[1:]]
+        cmd = [sys.executable, "-m", "pytest", "-q", "tests/test_parity.py", "tests/test_gradients.py",
+               "tests/test_fused_linear.py", *sys.argv[1:]]  # fmt: skip
         code = subprocess.run(cmd, cwd=ROOT, env=env).returncode
         keys = ("loss_rel", "loss", "grad_rel", "grad")
         worst = collections.defaultdict(lambda: dict.fromkeys(keys + ("checks",), 0))

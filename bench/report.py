@@ -1,4 +1,4 @@
-"""The benchmark report: ``python -m bench [--device cuda|cpu] [--out DIR] [--readme]``.
+"""The benchmark report: ``python -m bench [--device cuda|cpu] [--suite logits fused] [--out DIR] [--readme]``.
 
 For every case (divergence x shape x dtype x loss-only / loss+gradient) and every runner
 (our backends, the reference, torch.compile of the reference, Liger-Kernel) it measures the
@@ -8,7 +8,9 @@ floor against a device-to-device copy measured in the same run, and the speed-up
 ratio against the reference measured in the same run. A runner that cannot run says why
 ("n/a: ..."); none disappears. Writes results.json (every number, the machine, versions,
 date) and PNG plots of time and memory against V into DIR; ``--readme`` rewrites the
-README's benchmark section from that JSON.
+README's benchmark section from that JSON. The ``fused`` suite (``bench/fused.py``) measures the
+fused linear losses against the dense baseline, TRL's chunked divergence and Liger-Kernel's fused
+linear JSD, with its own table and README section.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ import torch
 
 import drkl_kernels as dk
 
+from . import fused
 from .cases import PEERS, RUNNERS, Case, matrix
 from .measure import gpu_copy_bandwidth, measure_cpu, measure_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
-README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+README_MARKERS = {"logits": ("<!-- bench:start -->", "<!-- bench:end -->"),
+                  "fused": ("<!-- bench-fused:start -->", "<!-- bench-fused:end -->")}  # fmt: skip
 
 
 def machine(device: str) -> dict:
@@ -212,19 +216,58 @@ def readme_section(result: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
-def update_readme(section: str) -> None:
+def fused_readme_section(result: dict, out: Path) -> str:
+    m = result["machine"]
+    where = m.get("gpu") or f"{m['cpu']}, {m['cpu_threads']} threads, no GPU"
+    rel = os.path.relpath(out, ROOT)
+    return "\n".join([
+        f"Measured by `python -m bench --device {m['device']} --suite fused` on {m['date']}: {where}; torch "
+        f"{m['torch']}. Loss + gradients to the student's hidden states and head, median time (interquartile "
+        f"range), peak memory above the inputs, share of the time in matmuls, and time and memory as multiples of "
+        f"`fused`'s, all runners of a case interleaved in one process; every number is in [`{rel}/`]({rel}/).",
+        "",
+        fused.table(result["fused_rows"]),
+        "",
+        "Against issue 9's goals:",
+        "",
+        fused.goals(result["fused_rows"]),
+    ])
+
+
+def update_readme(section: str, suite: str = "logits") -> None:
     path = ROOT / "README.md"
     text = path.read_text()
-    start, end = text.index(README_START) + len(README_START), text.index(README_END)
+    start_marker, end_marker = README_MARKERS[suite]
+    start, end = text.index(start_marker) + len(start_marker), text.index(end_marker)
     path.write_text(text[:start] + "\n" + section + "\n" + text[end:])
+
+
+def report_md(result: dict) -> str:
+    parts = []
+    if result["rows"]:
+        parts.append(table(result["rows"], result["machine"]["device"] == "cuda"))
+    if result.get("fused_rows"):
+        parts.append(fused.table(result["fused_rows"]) + "\n\n" + fused.goals(result["fused_rows"]))
+    return "\n\n".join(parts) + "\n"
+
+
+def _readme(result: dict, out: Path) -> None:
+    if result["rows"]:
+        update_readme(readme_section(result, out))
+    if result.get("fused_rows"):
+        update_readme(fused_readme_section(result, out), "fused")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description="drkl_kernels benchmark report")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="folder for results.json and the plots (default bench/results/<date>-<machine>)")
+    parser.add_argument("--suite", nargs="+", default=["logits", "fused"], choices=["logits", "fused"],
+                        help="the losses from logits, and/or the fused linear losses against their peers")
     parser.add_argument("--runners", nargs="+", default=[r.name for r in RUNNERS], choices=[r.name for r in RUNNERS])
     parser.add_argument("--shapes", nargs="+", help="restrict to ROWSxV shapes, e.g. 8192x128256")
+    parser.add_argument("--fused-shapes", nargs="+", metavar="ROWSxHxV",
+                        help="fused suite shapes instead of the default ones, e.g. 4096x1024x32000")
     parser.add_argument("--budget", type=float, help="seconds of timed calls per measurement (default GPU 0.5, CPU 3)")
     parser.add_argument("--deadline", type=float, default=float("inf"),
                         help="seconds after which the remaining measurements are listed as skipped")
@@ -236,9 +279,9 @@ def main(argv: list[str] | None = None) -> None:
         result = json.loads((args.render / "results.json").read_text())
         result["plots"] = plot(result["rows"], args.render)
         (args.render / "results.json").write_text(json.dumps(result, indent=1))
-        (args.render / "report.md").write_text(table(result["rows"], result["machine"]["device"] == "cuda") + "\n")
+        (args.render / "report.md").write_text(report_md(result))
         if args.readme:
-            update_readme(readme_section(result, args.render))
+            _readme(result, args.render)
         return
 
     device = args.device
@@ -247,27 +290,32 @@ def main(argv: list[str] | None = None) -> None:
         tag = re.sub(r"[^A-Za-z0-9]+", "-", info.get("gpu") or "cpu").strip("-").lower()
         args.out = ROOT / "bench" / "results" / f"{info['date'][:10]}-{tag}"
     args.out.mkdir(parents=True, exist_ok=True)
-    cases = matrix(device)
+    cases = matrix(device) if "logits" in args.suite else []
     if args.shapes:
         cases = [c for c in cases if f"{c.rows}x{c.vocab}" in args.shapes]
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.fused_shapes] if args.fused_shapes else None
+    fused_cases = fused.matrix(device, shapes) if "fused" in args.suite else []
     print(f"drkl_kernels {getattr(dk, '__version__', '')} benchmark on {info.get('gpu') or info['cpu']}: "
-          f"{len(cases)} cases x {len(args.runners)} runners", flush=True)  # fmt: skip
+          f"{len(cases)} cases x {len(args.runners)} runners, {len(fused_cases)} fused linear cases", flush=True)  # fmt: skip
     start = time.perf_counter()
     copy_gbps = gpu_copy_bandwidth() if device == "cuda" else None
     if copy_gbps:
         print(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write)", flush=True)
     budget = args.budget or (0.5 if device == "cuda" else 3.0)
-    rows = run(device, cases, args.runners, budget, time.monotonic() + args.deadline)
+    deadline = time.monotonic() + args.deadline
+    rows = run(device, cases, args.runners, budget, deadline)
     derive(rows, copy_gbps)
-    result = {"machine": info, "copy_gbps": copy_gbps, "seconds": time.perf_counter() - start, "rows": rows}
+    fused_rows = fused.run(device, fused_cases, budget, deadline)
+    result = {"machine": info, "copy_gbps": copy_gbps, "seconds": time.perf_counter() - start, "rows": rows,
+              "fused_rows": fused_rows}  # fmt: skip
     result["plots"] = plot(rows, args.out)
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
-    (args.out / "report.md").write_text(table(rows, device == "cuda") + "\n")
+    (args.out / "report.md").write_text(report_md(result))
     print()
-    print(table(rows, device == "cuda"))
-    print(f"\nwrote {args.out} in {result['seconds']:.0f} s", flush=True)
+    print(report_md(result))
+    print(f"wrote {args.out} in {result['seconds']:.0f} s", flush=True)
     if args.readme:
-        update_readme(readme_section(result, args.out))
+        _readme(result, args.out)
 
 
 if __name__ == "__main__":
