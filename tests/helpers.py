@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -99,13 +100,17 @@ def run(kind, backend, student, teacher, target, *, reduction="mean", upstream=N
     return loss.detach(), grad
 
 
-def assert_loss_close(got, want) -> tuple[float, float]:
-    """|got - want| <= max(1e-5 |want|, 1e-6) elementwise. Returns the worst error as a fraction of
-    that tolerance, and the worst relative error over losses of magnitude 0.1 or more."""
+def assert_loss_close(got, want, slack=None) -> tuple[float, float]:
+    """|got - want| <= max(1e-5 |want|, 1e-6) elementwise. ``slack``: a callable giving an amount
+    added to each element's tolerance (``rounding_slack``), called only when one misses without it.
+    Returns the worst error as a fraction of that tolerance, and the worst relative error over
+    losses of magnitude 0.1 or more."""
     got, want = got.double().cpu(), want.double()
     assert got.shape == want.shape, (got.shape, want.shape)
     tol = torch.clamp(1e-5 * want.abs(), min=1e-6)
     err = (got - want).abs()
+    if slack is not None and (err > tol).any():
+        tol = tol + slack().reshape(tol.shape)
     bad = ~(err <= tol)
     assert not bad.any(), (
         f"loss error {err[bad].max().item():.3g} > tol; got {got[bad][:4].tolist()} want {want[bad][:4].tolist()}"
@@ -122,24 +127,53 @@ def assert_loss_close(got, want) -> tuple[float, float]:
 GRAD_FLOOR = {torch.float32: 2.0**-126, torch.bfloat16: 2.0**-126, torch.float16: 2.0**-24}
 
 
-def capped_grad_tol(dtype, softcap: float, temperature: float) -> float:
-    """The gradient tolerance with a soft cap: SPEC §6's, widened in float32 to 2.5e-7 cap / tau
-    where that is larger (cap / tau > 40). A capped logit is rounded relative to its magnitude (up
-    to cap), so its differences carry 2^-24 cap of absolute error into an exponent divided by tau:
-    measured over 40 seeds, per-row worst 1.7e-5 at cap / tau = 100 (reference and cpu alike), 8.5e-6
-    at 60, 3.8e-6 at 50. See README, Accuracy."""
-    if dtype != torch.float32:
-        return GRAD_TOL[dtype]
-    return max(GRAD_TOL[dtype], 2.5e-7 * softcap / temperature)
+def rounding_slack(kind, student, teacher, target, *, probes=16, ulps=8.0, **kw):
+    """What the float32 rounding of the transformed logits costs the float64 truth: the loss (per
+    element of the reduced loss) and the gradient (per row), each ``ulps`` times the RMS over
+    ``probes`` draws of ``|L(x + d) - L(x)|`` and ``||g(x + d) - g(x)||``, each side's
+    ``d_j`` Gaussian with standard deviation 2^-24 (|x_j - max x| + |x_j| where a scale or soft cap
+    transforms x). A float32 kernel holds each token's logit relative to its row's maximum, divided
+    by tau, rounded to float32: at least 2^-24 relative to that distance, whichever way it forms it;
+    a transformed logit (x scale, cap tanh(x / cap)) is rounded before the shift, relative to its
+    magnitude (near cap). Where a row's gradient is a small difference of such terms (two leading
+    tokens whose logit gaps nearly agree on both sides: an RKL gradient ~1e-5 from logits ~100),
+    no float32 kernel meets SPEC §6's 1e-5 of that row's norm, so the check allows this on top.
+    The kernels carry a few such roundings (scale, 1 / cap, tanh, cap, shift, 1 / tau), hence
+    ``ulps``; 16 Gaussian probes keep the estimate within a factor of 2 (chi-square, 16 degrees of
+    freedom: P < 1e-3). See README, Accuracy."""
+    gen = torch.Generator().manual_seed(SEED)
+    kw = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    args = (kind, student.cpu(), teacher.cpu(), None if target is None else target.cpu())
+    vocab = student.shape[-1]
+
+    def spread(x, scale, softcap):
+        xt = truth.transform(x.double().reshape(-1, vocab), scale, softcap)[0]
+        top = xt.max(-1, keepdim=True).values
+        size = torch.where(torch.isfinite(xt) & torch.isfinite(top), (xt - top).abs(), 0.0)
+        if softcap is not None or scale != 1.0:
+            size = size + torch.where(torch.isfinite(xt), xt.abs(), 0.0)
+        return size * 2.0**-24
+
+    dz = spread(args[1], kw.get("student_logit_scale", 1.0), kw.get("student_softcap"))
+    du = spread(args[2], kw.get("teacher_logit_scale", 1.0), kw.get("teacher_softcap"))
+    base_loss, base = truth.loss_and_grad(*args, **kw)[:2]
+    loss_total, total = torch.zeros_like(base_loss), torch.zeros(base.numel() // vocab, dtype=torch.float64)
+    for _ in range(probes):
+        noise = lambda size: size * torch.randn(size.shape, generator=gen, dtype=torch.float64)  # noqa: E731
+        loss, moved = truth.loss_and_grad(*args, perturb=(noise(dz), noise(du)), **kw)[:2]
+        loss_total += torch.nan_to_num((loss - base_loss) ** 2, nan=0.0)
+        total += torch.nan_to_num((moved - base).reshape(-1, vocab).norm(dim=-1) ** 2, nan=0.0)
+    return ulps * (loss_total / probes).sqrt(), ulps * (total / probes).sqrt()
 
 
-def assert_grad_close(got, want, dtype, tol: float | None = None) -> tuple[float, float]:
+def assert_grad_close(got, want, dtype, tol: float | None = None, slack=None) -> tuple[float, float]:
     """Per row of ``[..., V]`` (so for the whole tensor too): ``||got - want|| <= tol ||want||
     + ||min(|want|, GRAD_FLOOR)||``, the norm-wise relative error of SPEC §6 plus, as the only
     exemption, what the storage dtype cannot hold: each element below GRAD_FLOOR may be lost, and
     an element beyond the dtype's largest finite value (a float16 gradient of 1e5: two tied top
     logits at tau 0.05) must round to that value or to infinity, with its sign, and leaves the norms.
-    ``tol`` is SPEC §6's GRAD_TOL unless given. Returns the worst row's error as a fraction of its allowance, and the worst norm-wise relative
+    ``tol`` is SPEC §6's GRAD_TOL unless given. ``slack``: a callable giving a per-row amount added
+    to each row's allowance (``rounding_slack``), called only when a row misses without it. Returns the worst row's error as a fraction of its allowance, and the worst norm-wise relative
     error over the rows large enough for the storage dtype to make that meaningful."""
     vocab = want.shape[-1] if want.dim() else 1
     got, want = got.double().cpu().reshape(-1, vocab), want.double().reshape(-1, vocab)
@@ -156,6 +190,8 @@ def assert_grad_close(got, want, dtype, tol: float | None = None) -> tuple[float
     err, norm = (got - want).norm(dim=-1), want.norm(dim=-1)
     unstorable = want.abs().clamp(max=GRAD_FLOOR[dtype]).norm(dim=-1)
     allowed = tol * norm + unstorable
+    if slack is not None and (err > allowed).any():
+        allowed = allowed + slack().double().reshape(-1)
     bad = err > allowed
     if bad.any():
         r = int((err - allowed).argmax())
@@ -187,8 +223,10 @@ def check(kind, backend, student, teacher, target, *, reduction="mean", upstream
     (loss, grad), (want_loss, want_grad) = got[:2], want[:2]
     if kw.get("return_entropy"):
         assert_loss_close(got[2], want[2])
-    loss_err = assert_loss_close(loss, want_loss)
-    grad_err = assert_grad_close(grad, want_grad, student.dtype, grad_tol)
+    slack = functools.cache(lambda: rounding_slack(kind, student, teacher, target, reduction=reduction,
+                                                   upstream=upstream, **kw))  # fmt: skip
+    loss_err = assert_loss_close(loss, want_loss, lambda: slack()[0])
+    grad_err = assert_grad_close(grad, want_grad, student.dtype, grad_tol, lambda: slack()[1])
     if os.environ.get("DRKL_ERROR_LOG"):
         with open(os.environ["DRKL_ERROR_LOG"], "a") as f:
             f.write(json.dumps({"backend": backend, "dtype": str(student.dtype).removeprefix("torch."), "kind": kind,

@@ -36,12 +36,32 @@ def _kl(log_a, log_b):
     return (a * torch.where(a > 0, log_a - log_b, torch.zeros_like(a))).sum(-1)
 
 
-def _terms(kind, s, r, t, gamma):
-    """Per-row loss pieces [(rows, weight, token whose gradient closes the row)]."""
+def _rkl_grad(zt, ut, temperature, keep=None):
+    """d KL(q || p) / d zt per row, for q = softmax(zt / tau) and p = softmax(ut / tau) over the
+    tokens in ``keep``: q_j (w_j - E_q[w]) / tau with w = s - r, the log-sum-exps cancelling. Each
+    w_j is formed from exact float64 differences to the student's most probable token m before its
+    one rounding, ((zt_j - zt_m) - (ut_j - ut_m)) / tau, so that two tokens whose logit differences
+    agree on both sides (w_j = w_m, e.g. bf16 logits of 1e4 at tau = 20) give exactly w_j = 0, where
+    autograd through log-softmaxes of zt / tau would leave ~1e-13 of rounding in a row whose whole
+    gradient can be ~1e-30."""
+    zt, ut = zt.detach(), ut.detach()
+    if keep is not None:
+        zt, ut = zt.masked_fill(~keep, NEG_INF), ut.masked_fill(~keep, NEG_INF)
+    q = _lsm(zt / temperature).exp()
+    q = torch.where(q > 0, q, 0.0)  # (and 0 for a row with no tokens, whose log-softmax is NaN)
+    m = zt.argmax(-1, keepdim=True)
+    w = torch.where(q > 0, ((zt - zt.gather(-1, m)) - (ut - ut.gather(-1, m))) / temperature, 0.0)
+    return q * (w - (q * w).sum(-1, keepdim=True)) / temperature
+
+
+def _terms(kind, zt, ut, t, gamma, temperature):
+    """Per-row loss pieces [(rows, weight, token whose gradient closes the row, explicit d rows / d zt
+    or None for autograd's)]."""
+    s, r = zt / temperature, ut / temperature
     if kind == "rkl":
-        return [(_kl(_lsm(s), _lsm(r)), 1.0, s.argmax(-1))]
+        return [(_kl(_lsm(s), _lsm(r)), 1.0, s.argmax(-1), _rkl_grad(zt, ut, temperature))]
     if kind == "fkl":
-        return [(_kl(_lsm(r), _lsm(s)), 1.0, s.argmax(-1))]
+        return [(_kl(_lsm(r), _lsm(s)), 1.0, s.argmax(-1), None)]
     hit = torch.nn.functional.one_hot(t, s.shape[-1]).bool()
     s_nt, r_nt = s.masked_fill(hit, NEG_INF), r.masked_fill(hit, NEG_INF)
     has_tail = (s_nt > NEG_INF).any(-1)
@@ -54,7 +74,8 @@ def _terms(kind, s, r, t, gamma):
     tail = torch.zeros(s.shape[0], dtype=s.dtype)
     if has_tail.any():
         tail[has_tail] = _kl(_lsm(s_nt[has_tail]), _lsm(r_nt[has_tail]))
-    return [(binary, 1.0, t), (tail, gamma, s_nt.detach().argmax(-1))]
+    tail_grad = _rkl_grad(zt, ut, temperature, ~hit & has_tail[:, None])
+    return [(binary, 1.0, t, None), (tail.detach(), gamma, s_nt.detach().argmax(-1), tail_grad)]
 
 
 def transform(x, scale=1.0, softcap=None):
@@ -74,12 +95,16 @@ def _divisor(valid, num_items_in_batch):
 
 def loss_and_grad(kind, student, teacher, target, *, reduction="mean", upstream=None, gamma=0.5, temperature=1.0,
                   ignore_index=-100, student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None,
-                  teacher_softcap=None, num_items_in_batch=None, return_entropy=False):  # fmt: skip
+                  teacher_softcap=None, num_items_in_batch=None, return_entropy=False, perturb=None):  # fmt: skip
     """Float64 reduced loss of ``kind`` in {"fkl", "rkl", "drkl"} and d(loss * upstream)/d(student);
-    with ``return_entropy``, also the student's entropy H(q) reduced like the loss."""
+    with ``return_entropy``, also the student's entropy H(q) reduced like the loss. ``perturb``: a
+    pair ``(dz, du)`` (shaped like the logits) added to the transformed logits of each side, to
+    measure how a rounding of them moves the result."""
     V = student.shape[-1]
     zt, dzt = transform(student.detach().double().reshape(-1, V), student_logit_scale, student_softcap)
     ut, _ = transform(teacher.detach().double().reshape(-1, V), teacher_logit_scale, teacher_softcap)
+    if perturb is not None:
+        zt, ut = zt + perturb[0].reshape(-1, V), ut + perturb[1].reshape(-1, V)
     zt = zt.requires_grad_(True)
     s, r = zt / temperature, ut / temperature
     rows = s.shape[0]
@@ -99,11 +124,14 @@ def loss_and_grad(kind, student, teacher, target, *, reduction="mean", upstream=
 
     loss_rows = torch.zeros(rows, dtype=torch.float64)
     grad = torch.zeros_like(zt)
-    for piece, factor, close in _terms(kind, s, r, t, gamma):
+    for piece, factor, close, explicit in _terms(kind, zt, ut, t, gamma, temperature):
         piece = torch.where(valid, piece, torch.zeros_like(piece))
         loss_rows = loss_rows + factor * piece.detach()
-        if piece.requires_grad and factor:
-            (g,) = torch.autograd.grad((piece * weight).sum(), zt, retain_graph=True)
+        if factor and (explicit is not None or piece.requires_grad):
+            if explicit is None:
+                (g,) = torch.autograd.grad((piece * weight).sum(), zt, retain_graph=True)
+            else:
+                g = explicit * weight.unsqueeze(-1)
             k = close.unsqueeze(-1)
             g = g.scatter(-1, k, -g.scatter(-1, k, 0.0).sum(-1, keepdim=True))
             grad = grad + factor * g
