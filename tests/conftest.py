@@ -26,6 +26,13 @@ def pytest_report_header(config):
     return [f"drkl_kernels: seed {SEED} (set DRKL_TEST_SEED to replay), backends under test {BACKENDS}"]
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus):
+    """The seed again at the end, where a CI log's tail shows it next to any failure."""
+    from tests.helpers import SEED
+
+    terminalreporter.write_line(f"drkl_kernels: seed {SEED} (DRKL_TEST_SEED={SEED} replays this run)")
+
+
 NVCC_TESTS = ("test_cuda_compile.py", "test_cuda_sass.py")
 BUILD_TESTS = (*NVCC_TESTS, "test_extension.py")  # run last, after their background builds
 
