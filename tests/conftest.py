@@ -1,8 +1,8 @@
-"""Test setup: without a GPU the Triton kernels run in the interpreter on the CPU. The slow builds
-start in the background, at a lower priority, as soon as a test that needs them is selected: the
-just-in-time build of ``test_extension.py`` and the nvcc builds of ``cuda_build`` (about 155 CPU
-seconds here); the tests that wait for them run last, so the builds use the cores the rest of
-the suite leaves idle."""
+"""Test setup: without a GPU the Triton kernels run in the interpreter on the CPU. The slow builds are queued in the background (``background``: one at a
+time, at the lowest priority) as soon as a test that needs them is selected: the nvcc builds of
+``cuda_build`` (about 200 CPU seconds here) and the just-in-time build of ``test_extension.py``
+(about 40); the tests that wait for them run last, so the builds use the core the rest of the
+suite leaves idle."""
 
 import os
 import random
@@ -94,16 +94,13 @@ def pytest_collection_finish(session):
 
 @pytest.fixture
 def just_in_time_build(pytestconfig):
-    """(the build's child process, its directory) started at collection."""
+    """(the build's background job, its directory), queued at collection."""
     return pytestconfig.stash[JUST_IN_TIME]
 
 
 def pytest_unconfigure(config):
-    if "tests.cuda_build" in sys.modules:
-        sys.modules["tests.cuda_build"].stop()
-    process, directory = config.stash.get(JUST_IN_TIME, (None, None))
-    if process is not None:
-        from tests.background import kill
-
-        kill(process)
+    if "tests.background" in sys.modules:
+        sys.modules["tests.background"].BUILDS.stop()
+    _, directory = config.stash.get(JUST_IN_TIME, (None, None))
+    if directory is not None:
         shutil.rmtree(directory, ignore_errors=True)

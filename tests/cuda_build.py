@@ -1,9 +1,9 @@
 """The CUDA kernels compiled once per test session, without a GPU: cubin, PTX, ptxas report and SASS.
 
-The .cu files hold no torch headers, so nvcc builds them with torch's flags: about 155 CPU seconds
-for the four builds here. ``start`` (conftest calls it at collection) or the first request starts
-every build at once, at a lower priority than the tests (``nice``), and each request waits for its
-own. Results live in a temporary folder for the session.
+The .cu files hold no torch headers, so nvcc builds them with torch's flags: about 200 CPU seconds
+for the four builds here. ``start`` (conftest calls it at collection) or the first request queues
+every build in the background (``background``: one at a time, at the lowest priority), and each
+request waits for its own. Results live in a temporary folder for the session.
 """
 
 from __future__ import annotations
@@ -48,37 +48,28 @@ def _folder() -> Path:
 
 @functools.cache
 def _started() -> dict:
-    """Every build, started at once: (source, arch) -> (process, output folder)."""
-    procs = {}
+    """Every build, queued: (source, arch) -> (background job, output folder)."""
+    jobs = {}
     for source, arch in BUILDS:
         out = _folder() / f"{Path(source).stem}_{arch}"
         out.mkdir()
         cmd = [NVCC, *TORCH_FLAGS, *extension.NVCC_FLAGS, ARCHS[arch], "-Xptxas", "-v", "-cubin", "-keep",
                "-keep-dir", str(out), str(extension.CSRC / source), "-o", str(out / "k.cubin")]  # fmt: skip
-        with open(out / "log", "w") as log:  # a file, not a pipe nobody reads until the build's tests run
-            proc = background.start(cmd, stdout=log, stderr=subprocess.STDOUT)
-        procs[source, arch] = (proc, out)
-    return procs
+        jobs[source, arch] = (background.BUILDS.submit(cmd, stdout=out / "log"), out)  # a file: read when its tests run
+    return jobs
 
 
 def start() -> None:
-    """Starts every build in the background (once per session)."""
+    """Queues every build in the background (once per session)."""
     _started()
-
-
-def stop() -> None:
-    """Kills the builds still running (a session that ends before its CUDA tests)."""
-    if _started.cache_info().currsize:
-        for proc, _ in _started().values():
-            background.kill(proc)
 
 
 @functools.cache
 def build(source: str, arch: str) -> Build:
-    proc, out = _started()[source, arch]
-    proc.wait(timeout=1800)
+    job, out = _started()[source, arch]
+    returncode = job.wait(timeout=1800)
     log = (out / "log").read_text()
-    assert proc.returncode == 0, log[-4000:]
+    assert returncode == 0, log[-4000:]
     ptx = (out / f"{Path(source).stem}.ptx").read_text()
     text = None
     if NVDISASM is not None:

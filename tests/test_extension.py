@@ -23,21 +23,21 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
     )
 
 
-def start_just_in_time_build(directory: Path) -> subprocess.Popen:
+def start_just_in_time_build(directory: Path) -> background.Job:
     """The child process of ``test_just_in_time_build_says_so``: a first use of the cpu backend
     without the ahead-of-time module, building into ``directory`` with one compile job. conftest
-    starts it as soon as that test is selected, at a lower priority, so it builds on the cores the
-    other tests leave idle."""
+    queues it as soon as that test is selected (``background``), so it builds on the core the other
+    tests leave idle."""
     code = "import torch, drkl_kernels as dk\nz = torch.randn(2, 50)\nprint(float(dk.rkl_loss(z, z.flip(-1), backend='cpu')))"
     env = _env(DRKL_KERNELS_JIT="1", TORCH_EXTENSIONS_DIR=str(directory / "build"), MAX_JOBS="1")
-    with open(directory / "stdout", "w") as out, open(directory / "stderr", "w") as err:
-        return background.start([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
+    out, err = directory / "stdout", directory / "stderr"
+    return background.BUILDS.submit([sys.executable, "-c", code], stdout=out, stderr=err, cwd=ROOT, env=env)
 
 
 def test_just_in_time_build_says_so(just_in_time_build):
     """Without the ahead-of-time module the first use builds csrc/, announcing it and its duration."""
-    process, directory = just_in_time_build
-    assert process.wait(timeout=900) == 0, (directory / "stderr").read_text()[-4000:]
+    job, directory = just_in_time_build
+    assert job.wait(timeout=900) == 0, (directory / "stderr").read_text()[-4000:]
     lines = (directory / "stdout").read_text().splitlines()
     assert lines[0].startswith("drkl_kernels: building csrc/ just in time"), lines
     assert re.fullmatch(r"drkl_kernels: csrc/ ready in \d+\.\d s", lines[1]), lines
