@@ -10,6 +10,7 @@ failing backend does not hide the others.
 from __future__ import annotations
 
 import datetime
+import os
 import traceback
 
 import torch
@@ -73,6 +74,10 @@ def call_fused(case: dict, rank: int, group) -> dict:
 
 def run(rank: int, world: int, init: str, cases_path: str, out_dir: str) -> None:
     torch.set_num_threads(1)
+    if os.environ.get("TRITON_INTERPRET") == "1":  # as in the parent session (conftest)
+        from . import triton_interpreter
+
+        triton_interpreter.install()
     dist.init_process_group(
         "gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
     )
