@@ -98,16 +98,22 @@ class Queue:
                 threading.Thread(target=self._run, args=(job,), daemon=True).start()
 
     def _run(self, job: Job) -> None:
-        with open(job.stdout, "w") as out, open(job.stderr or os.devnull, "w") as err:
+        try:
+            with open(job.stdout, "w") as out, open(job.stderr or os.devnull, "w") as err:
+                with self._lock:
+                    proc = None if self._stopped else start(
+                        job.cmd, stdout=out, stderr=err if job.stderr else subprocess.STDOUT, **job.popen)  # fmt: skip
+                    self._running[job] = proc
+            job.returncode = proc.wait() if proc is not None else -signal.SIGKILL
+        except OSError as error:  # it could not start: its output says why, and its test fails on it
+            with open(job.stdout, "a") as out:
+                out.write(f"background: could not start {job.cmd}: {error}\n")
+            job.returncode = 127
+        finally:  # whatever happened, the job ends: nothing waits on it for ever
             with self._lock:
-                proc = None if self._stopped else start(
-                    job.cmd, stdout=out, stderr=err if job.stderr else subprocess.STDOUT, **job.popen)  # fmt: skip
-                self._running[job] = proc
-        job.returncode = proc.wait() if proc is not None else -signal.SIGKILL
-        with self._lock:
-            del self._running[job]
-        job._done.set()
-        self._pump()
+                self._running.pop(job, None)
+            job._done.set()
+            self._pump()
 
     def stop(self) -> None:
         """Kills the running jobs and drops the queued ones."""

@@ -62,3 +62,12 @@ def test_queue_stop_kills_the_running_job_and_drops_the_queued(tmp_path):
     queue.stop()
     assert running.wait(timeout=10) == -9 and queued.wait(timeout=10) == -9
     assert not (tmp_path / "queued.out").exists()
+
+
+def test_a_job_that_cannot_start_ends_and_says_why(tmp_path):
+    queue = background.Queue()
+    job = queue.submit(["true"], stdout=tmp_path / "out", cwd=tmp_path / "missing")
+    assert job.wait(timeout=30) == 127
+    assert "could not start" in (tmp_path / "out").read_text()
+    after = queue.submit(["sh", "-c", "echo next"], stdout=tmp_path / "next")  # the queue goes on
+    assert after.wait(timeout=30) == 0 and (tmp_path / "next").read_text() == "next\n"
