@@ -44,7 +44,7 @@ def test_queue_runs_one_job_at_a_time_until_a_test_waits_then_two(tmp_path):
         first, second = (queue.submit(["sh", "-c", stamp.format(0.3)], stdout=tmp_path / f"{n}.out") for n in (1, 2))
         while not (tmp_path / "2.out").exists() or not (tmp_path / "2.out").read_text():
             time.sleep(0.01)  # nothing waits on a job yet: the queue stays one at a time
-        third, fourth = (queue.submit(["sh", "-c", stamp.format(s)], stdout=tmp_path / f"{n}.out") for n, s in ((3, 1), (4, 0.3)))
+        third, fourth = (queue.submit(["sh", "-c", stamp.format(s)], stdout=tmp_path / f"{n}.out") for n, s in ((3, 2), (4, 0.3)))
         assert [job.wait(timeout=60) for job in (first, second, third, fourth)] == [0, 0, 0, 0]
     finally:
         queue.stop()
