@@ -2,7 +2,7 @@
 ``triton_interpreter``). The slow builds are queued in the background (``background``: one at a
 time, at the lowest priority) as soon as a test that needs them is selected: the nvcc builds of
 ``cuda_build`` (about 200 CPU seconds here) and the just-in-time build of ``test_extension.py``
-(about 40); the tests that wait for them run last, so the builds use the core the rest of the
+(about 25); the tests that wait for them run last, so the builds use the core the rest of the
 suite leaves idle."""
 
 import os
@@ -17,10 +17,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-if os.environ.get("TRITON_INTERPRET") == "1":
-    from tests import triton_interpreter
+from tests import triton_interpreter  # noqa: E402  (after TRITON_INTERPRET is decided)
 
-    triton_interpreter.install()  # the same bits, about twice as fast
+triton_interpreter.install()  # under the interpreter: the same bits, about twice as fast
 
 JUST_IN_TIME = pytest.StashKey()
 
@@ -73,7 +72,9 @@ def _interpreted_subset(config, items: list) -> list:
 
 
 def pytest_collection_modifyitems(session, config, items):
-    if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("DRKL_TEST_ALL_INTERPRETED") != "1":
+    from tests.helpers import INTERPRETED_SUBSETS
+
+    if INTERPRETED_SUBSETS:
         items[:] = _interpreted_subset(config, items)
     late = [item for item in items if item.path.name in BUILD_TESTS]
     items[:] = [item for item in items if item.path.name not in BUILD_TESTS] + late

@@ -25,6 +25,9 @@ LOSSES = {"drkl": dk.drkl_loss, "rkl": dk.rkl_loss, "fkl": dk.fkl_loss}
 # Every backend this machine must test; a missing one fails its tests rather than vanishing.
 BACKENDS = ["reference", "triton"] + (["cuda"] if torch.cuda.is_available() else ["cpu"])
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Under the Triton interpreter (no GPU) the tests with many Triton cases run a few of them, drawn with
+# the session seed (conftest's ``interpreted_cases``, ``test_parallel``); DRKL_TEST_ALL_INTERPRETED=1 runs them all.
+INTERPRETED_SUBSETS = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("DRKL_TEST_ALL_INTERPRETED") != "1"
 
 
 def generator(*key) -> torch.Generator:

@@ -10,7 +10,6 @@ failing backend does not hide the others.
 from __future__ import annotations
 
 import datetime
-import os
 import traceback
 
 import torch
@@ -18,6 +17,8 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import drkl_kernels as dk
+
+from . import triton_interpreter
 
 LOSSES = {"drkl": dk.drkl_loss, "rkl": dk.rkl_loss, "fkl": dk.fkl_loss}
 MODULES = {"drkl": dk.DRKLLoss, "rkl": dk.RKLLoss, "fkl": dk.FKLLoss}
@@ -74,10 +75,7 @@ def call_fused(case: dict, rank: int, group) -> dict:
 
 def run(rank: int, world: int, init: str, cases_path: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    if os.environ.get("TRITON_INTERPRET") == "1":  # as in the parent session (conftest)
-        from . import triton_interpreter
-
-        triton_interpreter.install()
+    triton_interpreter.install()  # as in the parent session (conftest)
     dist.init_process_group(
         "gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
     )

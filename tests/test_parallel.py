@@ -7,13 +7,12 @@ and argmaxes on shard boundaries, maxima tied across a boundary, confident rows,
 shards, ignored rows; every divergence, target given and None, fp32 and bf16 (four option sets,
 one per dtype and target mode: every reduction, entropy, num_items_in_batch, transforms).
 The interpreted Triton kernels run one of these cases per W, drawn with the session seed
-(``interpreted``; over CI runs the seed draws every one): each launch costs about a second in the
+(``interpreted``, ``INTERPRETED_SUBSETS``; over CI runs the seed draws every one): each launch costs about a second in the
 interpreter, and the kernels' slice statistics are tested in one process by ``test_split``.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import tempfile
 import time
@@ -25,7 +24,8 @@ import torch.multiprocessing as mp
 import drkl_kernels as dk
 
 from . import parallel_worker, truth
-from .helpers import BACKENDS, GRAD_FLOOR, GRAD_TOL, LOSSES, SEED, assert_loss_close, generator, labels, logits_pair
+from .helpers import (BACKENDS, GRAD_FLOOR, GRAD_TOL, INTERPRETED_SUBSETS, LOSSES, SEED, assert_loss_close, generator,
+                      labels, logits_pair)
 from .test_fused_linear import Heads, assert_chained_grad_close, make_heads
 
 WORLD = 4
@@ -39,7 +39,6 @@ OPTIONS = {  # (dtype, with a target) -> an option set
     ("bf16", False): ("num_items, scale", dict(reduction="mean", num_items_in_batch=7, teacher_logit_scale=0.5, return_entropy=True)),
 }  # fmt: skip
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("DRKL_TEST_ALL_INTERPRETED") != "1"
 TIMEOUT_S = 600  # a loaded machine; gloo's own timeout is 120 s per collective
 
 
@@ -70,7 +69,7 @@ def inputs(world: int, dtype: torch.dtype, with_target: bool, key) -> tuple:
 def interpreted(world: int) -> tuple | None:
     """The one (divergence, dtype, with a target) case of group size ``world`` that the interpreted
     Triton kernels run this session; None where Triton is compiled (every case runs)."""
-    if not INTERPRETED:
+    if not INTERPRETED_SUBSETS:
         return None
     draws = [(kind, dtype, with_target) for kind in LOSSES for dtype in DTYPES for with_target in (True, False)]
     return random.Random(f"{SEED}-parallel-{world}").choice(draws)

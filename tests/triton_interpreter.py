@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 
 import triton.language as tl
 from triton.runtime import interpreter
@@ -50,7 +51,10 @@ def _launch(self, *args, **kwargs):
 
 
 def install() -> None:
-    """Replaces the interpreter's ``_patch_lang`` (looked up at each call by launches and helpers)."""
+    """Where this process's Triton is the interpreter (``TRITON_INTERPRET=1``), replaces its
+    ``_patch_lang`` (looked up at each call by launches and helpers); elsewhere, nothing."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
     interpreter._patch_lang = _patch_lang
     interpreter.GridExecutor.__call__ = _launch
     _state["installed"] = True
