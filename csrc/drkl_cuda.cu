@@ -108,12 +108,16 @@ int launch(const drkl_args& a, cudaStream_t stream) {
 
 template <typename TS, typename TT>
 int route(const drkl_args& a, cudaStream_t stream) {
-  switch (a.divergence * 3 + a.pivot) {
-    case kDRKL * 3 + kLabel: return launch<kDRKL, kLabel, TS, TT>(a, stream);
-    case kDRKL * 3 + kTeacherArgmax: return launch<kDRKL, kTeacherArgmax, TS, TT>(a, stream);
-    case kRKL * 3 + kStudentArgmax: return launch<kRKL, kStudentArgmax, TS, TT>(a, stream);
-    case kFKL * 3 + kTeacherArgmax: return launch<kFKL, kTeacherArgmax, TS, TT>(a, stream);
-    default: return cudaErrorInvalidValue;
+  if constexpr (!pair_built<TS, TT>()) {
+    return cudaErrorInvalidValue;
+  } else {
+    switch (a.divergence * 3 + a.pivot) {
+      case kDRKL * 3 + kLabel: return launch<kDRKL, kLabel, TS, TT>(a, stream);
+      case kDRKL * 3 + kTeacherArgmax: return launch<kDRKL, kTeacherArgmax, TS, TT>(a, stream);
+      case kRKL * 3 + kStudentArgmax: return launch<kRKL, kStudentArgmax, TS, TT>(a, stream);
+      case kFKL * 3 + kTeacherArgmax: return launch<kFKL, kTeacherArgmax, TS, TT>(a, stream);
+      default: return cudaErrorInvalidValue;
+    }
   }
 }
 

@@ -191,6 +191,23 @@ __device__ __forceinline__ void block_merge(Part& p, Part* scratch, float inv_ta
   }
 }
 
+// The (student, teacher) dtype pairs a build instantiates: bit 3 * student + teacher (drkl_dtype
+// codes) of DRKL_CUDA_DTYPE_PAIRS, all nine unless it is defined; a pair left out is never
+// instantiated and its launch returns cudaErrorInvalidValue. The extension always builds all nine;
+// the test suite optimises a few pairs per session (tests/cuda_build.py: about 1.4 CPU seconds per
+// kernel and GPU architecture) after a front-end check of all of them.
+#ifndef DRKL_CUDA_DTYPE_PAIRS
+#define DRKL_CUDA_DTYPE_PAIRS 0x1ff
+#endif
+template <typename T>
+constexpr int dtype_code() {
+  return std::is_same_v<T, float> ? DRKL_F32 : std::is_same_v<T, __nv_bfloat16> ? DRKL_BF16 : DRKL_F16;
+}
+template <typename TS, typename TT>
+constexpr bool pair_built() {
+  return (DRKL_CUDA_DTYPE_PAIRS >> (3 * dtype_code<TS>() + dtype_code<TT>())) & 1;
+}
+
 // Launchers implemented per file; each returns a cudaError_t.
 int launch_two_pass(const drkl_args& a, cudaStream_t stream);
 // The single-pass cluster kernel when it is built for this GPU and a cluster holds the row;

@@ -1,6 +1,8 @@
-"""The test session's background builds (the nvcc builds of ``cuda_build``, the just-in-time build of
-``test_extension``): queued, and run one at a time at the lowest priority while the tests run, on
-the core the tests leave idle; two at a time once a test waits for one (the other tests are done).
+"""The test session's background jobs, the child processes of the tests marked ``background`` (the
+nvcc builds of ``cuda_build``, the just-in-time build of ``test_extension``, the distillation study
+of ``test_study``, the GPU compiles of ``test_triton_gpu_compile``): queued at collection, and run
+one at a time at the lowest priority while the tests run, on the core the tests leave idle; two at
+a time once a test waits for one (the other tests are done: conftest runs the marked tests last).
 
 One at a time because the builds slow each other down: the four nvcc builds took 194 CPU seconds
 one after another here and 265 three at a time, on 2 cores.
@@ -15,9 +17,12 @@ sessions of nice 0 took five sixths of the 2 cores from the tests (``test_compil
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
@@ -128,4 +133,11 @@ class Queue:
             job._done.set()
 
 
-BUILDS = Queue()  # the session's builds; conftest stops it at the end of the session
+JOBS = Queue()  # the session's jobs; conftest stops it at the end of the session
+
+
+def scratch(prefix: str) -> Path:
+    """A new folder for a job's files, removed when the session's process exits."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path

@@ -1,18 +1,15 @@
 """Test setup: without a GPU the Triton kernels run in the interpreter on the CPU (sped up by
-``triton_interpreter``). The slow builds are queued in the background (``background``: one at a
-time, at the lowest priority) as soon as a test that needs them is selected: the nvcc builds of
-``cuda_build`` (about 200 CPU seconds here) and the just-in-time build of ``test_extension.py``
-(about 25); the tests that wait for them run last, so the builds use the core the rest of the
-suite leaves idle."""
+``triton_interpreter``). Tests whose work is a child process are marked ``background(start=f)``:
+when such a test is selected, ``f()`` queues its process at collection (``background``: one at a
+time, at the lowest priority), and the marked tests run last, so that their processes use the core
+the rest of the suite leaves idle: the nvcc builds of ``cuda_build``, the just-in-time build of
+``test_extension``, the distillation study of ``test_study`` and the GPU compiles of
+``test_triton_gpu_compile`` (about 170 CPU seconds here in all)."""
 
 import os
 import random
-import shutil
 import sys
-import tempfile
-from pathlib import Path
 
-import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -20,8 +17,6 @@ if not torch.cuda.is_available():
 from tests import triton_interpreter  # noqa: E402  (after TRITON_INTERPRET is decided)
 
 triton_interpreter.install()  # under the interpreter: the same bits, about twice as fast
-
-JUST_IN_TIME = pytest.StashKey()
 
 
 def pytest_report_header(config):
@@ -37,11 +32,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus):
     terminalreporter.write_line(f"drkl_kernels: seed {SEED} (DRKL_TEST_SEED={SEED} replays this run)")
 
 
-NVCC_TESTS = ("test_cuda_compile.py", "test_cuda_sass.py")
-BUILD_TESTS = (*NVCC_TESTS, "test_extension.py")  # run last, after their background builds
-
-
 def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "background(start): the test waits for child processes that start() queues in the background "
+        "at collection (once per session, whichever marked tests are selected); marked tests run last",
+    )
     config.addinivalue_line(
         "markers",
         "interpreted_cases(n): under the Triton interpreter (no GPU), n of the test's backend='triton' cases "
@@ -76,37 +72,22 @@ def pytest_collection_modifyitems(session, config, items):
 
     if INTERPRETED_SUBSETS:
         items[:] = _interpreted_subset(config, items)
-    late = [item for item in items if item.path.name in BUILD_TESTS]
-    items[:] = [item for item in items if item.path.name not in BUILD_TESTS] + late
+    late = [item for item in items if item.get_closest_marker("background")]
+    items[:] = [item for item in items if not item.get_closest_marker("background")] + late
 
 
 def pytest_collection_finish(session):
-    building = False
-    if any(item.path.name in NVCC_TESTS for item in session.items):
-        from tests import cuda_build
-
-        if cuda_build.NVCC is not None:
-            cuda_build.start()
-            building = True
-    if any(getattr(item, "originalname", "") == "test_just_in_time_build_says_so" for item in session.items):
-        from tests.test_extension import start_just_in_time_build
-
-        directory = Path(tempfile.mkdtemp(prefix="drkl-jit-"))
-        session.config.stash[JUST_IN_TIME] = (start_just_in_time_build(directory), directory)
-        building = True
-    if building:  # half the cores for the tests (torch's pool and the CPU kernels' OpenMP), the rest for the builds
+    starts = {}  # in the order of the tests that wait: the queue runs them in that order
+    for item in session.items:
+        marker = item.get_closest_marker("background")
+        if marker:
+            starts.setdefault(marker.kwargs["start"], None)
+    for start in starts:
+        start()
+    if starts:  # half the cores for the tests (torch's pool and the CPU kernels' OpenMP), the rest for the jobs
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-
-
-@pytest.fixture
-def just_in_time_build(pytestconfig):
-    """(the build's background job, its directory), queued at collection."""
-    return pytestconfig.stash[JUST_IN_TIME]
 
 
 def pytest_unconfigure(config):
     if "tests.background" in sys.modules:
-        sys.modules["tests.background"].BUILDS.stop()
-    _, directory = config.stash.get(JUST_IN_TIME, (None, None))
-    if directory is not None:
-        shutil.rmtree(directory, ignore_errors=True)
+        sys.modules["tests.background"].JOBS.stop()

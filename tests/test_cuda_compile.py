@@ -1,27 +1,63 @@
-"""Every CUDA kernel compiles with torch's flags for sm_80 and sm_90a without register spills, and
-its PTX keeps the memory rules a GPU would otherwise break at run time (no GPU needed).
+"""Every CUDA kernel passes nvcc's device front end with torch's flags for sm_80 and sm_90a; the
+kernels of this session's dtype pairs (``cuda_build.PAIRS``) compile without register spills, and
+their PTX keeps the memory rules a GPU would otherwise break at run time (no GPU needed).
 
 The report (registers, spills per kernel) is printed with -s.
 """
 
 import re
+import shutil
+import subprocess
 
 import pytest
 
-from . import sass
-from .cuda_build import BUILDS, NVCC, build
+from drkl_kernels import extension
 
-pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (install the CUDA toolkit or set CUDA_HOME)")
+from . import cuda_build, sass
+from .cuda_build import ALL_PAIRS, BUILDS, DTYPES, NVCC, PAIRS, build, front_end, front_end_command
 
-# Kernels per file: 4 divergence/pivot pairs x 9 student/teacher dtype pairs (+ 3 scale kernels).
-KERNELS = {"drkl_cuda.cu": 39, "drkl_cuda_sm90.cu": 36}
+pytestmark = [
+    pytest.mark.skipif(NVCC is None, reason="nvcc not found (install the CUDA toolkit or set CUDA_HOME)"),
+    pytest.mark.background(start=cuda_build.start),
+]
+
+# Kernels per file: 4 divergence/pivot pairs x the session's student/teacher dtype pairs (+ 3 scale kernels).
+KERNELS = {"drkl_cuda.cu": 4 * len(PAIRS) + 3, "drkl_cuda_sm90.cu": 4 * len(PAIRS)}
+CXX_TYPES = {"fp32": "float", "bf16": "__nv_bfloat16", "fp16": "__half"}
+
+
+@pytest.mark.parametrize("source", list(KERNELS))
+def test_every_kernel_passes_the_device_front_end(source):
+    """All nine dtype pairs, both architectures: templates instantiated and type-checked (fails on
+    nvcc's error, with its log)."""
+    front_end(source)
+
+
+def test_the_front_end_check_sees_the_pairs_left_out(tmp_path):
+    """A defect in the kernel of one dtype pair that this session does not optimise fails the check
+    (sm_80), which names the pair."""
+    student, teacher = next((p for p in ALL_PAIRS if p not in PAIRS), ("fp16", "fp32"))
+    csrc = shutil.copytree(extension.CSRC, tmp_path / "csrc")
+    anchor = "  constexpr int Q = Widths<sizeof(TS), sizeof(TT)>::Q;\n"  # the two-pass kernel's first line
+    text = (csrc / "drkl_cuda.cu").read_text()
+    assert text.count(anchor) == 1
+    check = f'static_assert(dtype_code<TS>() != {DTYPES[student]} || dtype_code<TT>() != {DTYPES[teacher]}, "defect");'
+    (csrc / "drkl_cuda.cu").write_text(text.replace(anchor, anchor + check + "\n"))
+    cmd = front_end_command(csrc / "drkl_cuda.cu", tmp_path, archs=("sm_80",))
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    log = out.stdout + out.stderr
+    assert out.returncode != 0 and 'static assertion failed with "defect"' in log, log[-2000:]
+    assert f"TS={CXX_TYPES[student]}, TT={CXX_TYPES[teacher]}" in log, log[-2000:]
 
 
 @pytest.mark.parametrize("source,arch", BUILDS)
 def test_cuda_kernels_compile_without_spills(source, arch):
     b = build(source, arch)
-    assert len(b.report) == KERNELS[source], [r["kernel"] for r in b.report]
-    for entry, name in zip(b.report, sass.demangle([r["kernel"] for r in b.report])):
+    names = sass.demangle([r["kernel"] for r in b.report])
+    assert len(b.report) == KERNELS[source], names
+    built = {m.group(1, 2) for m in re.finditer(r"kernel<\d, \d, (\w+), (\w+)>", " ".join(names))}
+    assert built == {(CXX_TYPES[s], CXX_TYPES[t]) for s, t in PAIRS}, names
+    for entry, name in zip(b.report, names):
         print(f"{arch} {name}: {entry['registers']} registers, stack {entry['stack']} B, "
               f"spills {entry['spill_stores']}/{entry['spill_loads']} B")  # fmt: skip
     spilled = [r["kernel"] for r in b.report if r["spill_stores"] or r["spill_loads"] or r["stack"]]

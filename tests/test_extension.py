@@ -1,11 +1,13 @@
 """Building and finding the compiled kernels: the just-in-time build, and a machine without a compiler."""
 
+import functools
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from . import background
@@ -23,20 +25,22 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
     )
 
 
-def start_just_in_time_build(directory: Path) -> background.Job:
-    """The child process of ``test_just_in_time_build_says_so``: a first use of the cpu backend
-    without the ahead-of-time module, building into ``directory`` with one compile job. conftest
-    queues it as soon as that test is selected (``background``), so it builds on the core the other
-    tests leave idle."""
+@functools.cache
+def just_in_time_build() -> tuple[background.Job, Path]:
+    """(job, its folder): the child process of ``test_just_in_time_build_says_so``, a first use of the
+    cpu backend without the ahead-of-time module, building into its folder with one compile job;
+    queued at collection (``background``), so it builds on the core the other tests leave idle."""
+    directory = background.scratch("drkl-jit-")
     code = "import torch, drkl_kernels as dk\nz = torch.randn(2, 50)\nprint(float(dk.rkl_loss(z, z.flip(-1), backend='cpu')))"
     env = _env(DRKL_KERNELS_JIT="1", TORCH_EXTENSIONS_DIR=str(directory / "build"), MAX_JOBS="1")
     out, err = directory / "stdout", directory / "stderr"
-    return background.BUILDS.submit([sys.executable, "-c", code], stdout=out, stderr=err, cwd=ROOT, env=env)
+    return background.JOBS.submit([sys.executable, "-c", code], stdout=out, stderr=err, cwd=ROOT, env=env), directory
 
 
-def test_just_in_time_build_says_so(just_in_time_build):
+@pytest.mark.background(start=just_in_time_build)
+def test_just_in_time_build_says_so():
     """Without the ahead-of-time module the first use builds csrc/, announcing it and its duration."""
-    job, directory = just_in_time_build
+    job, directory = just_in_time_build()
     assert job.wait(timeout=900) == 0, (directory / "stderr").read_text()[-4000:]
     lines = (directory / "stdout").read_text().splitlines()
     assert lines[0].startswith("drkl_kernels: building csrc/ just in time"), lines
