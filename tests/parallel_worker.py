@@ -1,4 +1,6 @@
-"""One rank of the gloo group that ``tests/test_parallel.py`` spawns (``torch.multiprocessing``).
+"""The gloo group of ``tests/test_parallel.py``: ``python -m tests.parallel_worker CASES OUT`` spawns
+four ranks (``torch.multiprocessing``) that run every case of the file ``CASES`` and write their
+results to the folder ``OUT``; test_parallel queues it in the background at collection.
 
 Four ranks; groups of 1 (rank 0), 2 (ranks 0-1), 3 (ranks 0-2) and 4 (the world). Each case names its
 group size; its members run the loss on their shard twice (forward and backward), counting
@@ -10,10 +12,12 @@ failing backend does not hide the others.
 from __future__ import annotations
 
 import datetime
+import sys
 import traceback
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import drkl_kernels as dk
@@ -110,3 +114,15 @@ def run(rank: int, world: int, init: str, cases_path: str, out_dir: str) -> None
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
+
+
+WORLD = 4
+
+
+def main(cases_path: str, out_dir: str) -> None:
+    """Runs every case on a group of WORLD ranks (raises if a rank fails outside its cases)."""
+    mp.spawn(run, args=(WORLD, f"file://{out_dir}/store", cases_path, out_dir), nprocs=WORLD, join=True)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

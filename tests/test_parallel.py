@@ -1,5 +1,5 @@
 """Vocabulary-parallel losses (SPEC §8) over gloo on the CPU: one spawned group of four ranks runs
-every case (``parallel_worker``); this process compares each rank's loss and gradient shard with
+every case (``parallel_worker``; queued at collection in the background, ``group``); this process compares each rank's loss and gradient shard with
 the single-process run of the same backend on the whole rows and with the float64 truth.
 
 Groups of W = 2 (even shards), 3 (uneven) and 4 (one shard of a single token); inputs with a label
@@ -13,22 +13,23 @@ interpreter, and the kernels' slice statistics are tested in one process by ``te
 
 from __future__ import annotations
 
+import functools
 import random
-import tempfile
-import time
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import drkl_kernels as dk
 
-from . import parallel_worker, truth
+from . import background, parallel_worker, truth
 from .helpers import (BACKENDS, GRAD_FLOOR, GRAD_TOL, INTERPRETED_SUBSETS, LOSSES, SEED, assert_loss_close, generator,
                       labels, logits_pair)
 from .test_fused_linear import Heads, assert_chained_grad_close, make_heads
 
-WORLD = 4
+WORLD = parallel_worker.WORLD
+ROOT = Path(__file__).resolve().parents[1]
 VOCAB, ROWS = 160, 12
 BOUNDS = {2: [0, 80, 160], 3: [0, 64, 105, 160], 4: [0, 50, 51, 111, 160]}
 OPTIONS = {  # (dtype, with a target) -> an option set
@@ -75,6 +76,7 @@ def interpreted(world: int) -> tuple | None:
     return random.Random(f"{SEED}-parallel-{world}").choice(draws)
 
 
+@functools.cache
 def cases() -> list[dict]:
     out = []
     for world in BOUNDS:
@@ -145,22 +147,26 @@ def fused_cases() -> list[dict]:
     return out
 
 
+@functools.cache
+def group() -> tuple[background.Job, Path]:
+    """(job, its folder): every case, saved, and the group that runs them (``parallel_worker``),
+    queued at collection in the background (``background``)."""
+    base = background.scratch("drkl-parallel-")
+    torch.save(cases(), base / "cases.pt")
+    cmd = [sys.executable, "-m", "tests.parallel_worker", str(base / "cases.pt"), str(base)]
+    return background.JOBS.submit(cmd, stdout=base / "log", cwd=ROOT), base
+
+
+pytestmark = pytest.mark.background(start=group)
+
+
 @pytest.fixture(scope="module")
 def spawned():
-    """Runs every case on the spawned group once; returns (cases by key, results per rank)."""
-    all_cases = cases()
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save(all_cases, f"{tmp}/cases.pt")
-        ctx = mp.spawn(parallel_worker.run, args=(WORLD, f"file://{tmp}/store", f"{tmp}/cases.pt", tmp),
-                       nprocs=WORLD, join=False)  # fmt: skip
-        deadline = time.monotonic() + TIMEOUT_S
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                for proc in ctx.processes:
-                    proc.kill()
-                pytest.fail(f"the spawned group did not finish in {TIMEOUT_S} s")
-        results = [torch.load(f"{tmp}/rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    return {c["key"]: c for c in all_cases}, results
+    """Waits for the group; returns (cases by key, results per rank)."""
+    job, base = group()
+    assert job.wait(timeout=TIMEOUT_S) == 0, (base / "log").read_text()[-4000:]
+    results = [torch.load(base / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return {c["key"]: c for c in cases()}, results
 
 
 def _runs(spawned, key) -> list[list[dict]]:

@@ -1,16 +1,20 @@
 """The distillation study (examples/distill_study.py) in its quick mode: outputs exist, every loss is
 finite and decreases, the metrics are in range, and a rerun on the cached data and teacher gives the
-same numbers. Nothing here checks which loss wins."""
+same numbers. Nothing here checks which loss wins. Both runs are one background job (``runs``),
+queued at collection; the tests run at the end of the session."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-import subprocess
+import shlex
 import sys
 from pathlib import Path
 
 import pytest
+
+from . import background
 
 for _module in ("tokenizers", "tqdm", "matplotlib"):
     pytest.importorskip(_module, reason=f"the study extra is not installed ({_module}): pip install -e '.[study]'")
@@ -20,17 +24,29 @@ OBJECTIVES = {"CE (labels)", "FKL", "RKL", "DRKL γ=0.25", "DRKL γ=0.5", "DRKL 
 OUTPUTS = ("results.json", "report.md", "fidelity_diversity.png", "training_curves.png")
 
 
-def quick(out: Path, cache: Path) -> dict:
+def quick(out: Path, cache: Path) -> list[str]:
     options = ["--quick", "--threads", "1", "--out", str(out), "--cache-dir", str(cache)]
-    command = [sys.executable, "examples/distill_study.py", *options]
-    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True, timeout=600)
-    return json.loads((out / "results.json").read_text())
+    return [sys.executable, "examples/distill_study.py", *options]
+
+
+@functools.cache
+def runs() -> tuple[background.Job, Path]:
+    """(job, its folder): the study's quick mode, then a rerun on the first run's cached data and
+    teacher, one after the other in one background job (``background``) queued at collection."""
+    base = background.scratch("drkl-study-")
+    first, again = (shlex.join(quick(base / name, base / "cache")) for name in ("out", "again"))
+    return background.JOBS.submit(["sh", "-c", f"{first} && {again}"], stdout=base / "log", cwd=ROOT), base
+
+
+pytestmark = pytest.mark.background(start=runs)
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    base = tmp_path_factory.mktemp("study")
-    return base, quick(base / "out", base / "cache")
+def study() -> tuple[Path, dict]:
+    """(the job's folder, the first run's results.json)"""
+    job, base = runs()
+    assert job.wait(timeout=1200) == 0, (base / "log").read_text()[-4000:]
+    return base, json.loads((base / "out" / "results.json").read_text())
 
 
 def test_outputs_exist(study):
@@ -88,7 +104,7 @@ def test_metrics_in_range(study):
 
 def test_rerun_is_deterministic(study):
     base, results = study
-    again = quick(base / "again", base / "cache")
+    again = json.loads((base / "again" / "results.json").read_text())
     assert again["teacher"]["cached"] and not results["teacher"]["cached"]
     assert [r["metrics"] for r in again["runs"]] == [r["metrics"] for r in results["runs"]]
     assert [r["curve"]["loss"] for r in again["runs"]] == [r["curve"]["loss"] for r in results["runs"]]

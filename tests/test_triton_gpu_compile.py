@@ -2,16 +2,20 @@
 
 The interpreter accepts code the GPU compiler rejects; this compiles a covering set of the
 variants (``triton_gpu_compile.VARIANTS``) with triton.compile in a separate process without
-TRITON_INTERPRET (never imported here: it must not touch this process's Triton), then reads
-the ptxas report of each compile.
+TRITON_INTERPRET (never imported here: it must not touch this process's Triton), queued at
+collection in the background (``background``), then reads the ptxas report of each compile.
 """
 
+import functools
 import json
 import os
-import subprocess
 import sys
 from itertools import product
 from pathlib import Path
+
+import pytest
+
+from . import background
 
 DTYPES = {"fp32", "bf16", "fp16"}
 # Every value each switch of divergence_kernel takes in a launch.
@@ -23,13 +27,21 @@ SWITCHES = {
 }  # fmt: skip
 
 
-def test_triton_kernels_compile_for_sm80_and_sm90_without_spills():
+@functools.cache
+def compiles() -> tuple[background.Job, Path]:
+    """(job, its folder): ``python -m tests.triton_gpu_compile``, queued at collection (``background``)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    base = background.scratch("drkl-triton-gpu-")
+    cmd = [sys.executable, "-m", "tests.triton_gpu_compile"]
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-m", "tests.triton_gpu_compile"], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-4000:]
-    reports = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return background.JOBS.submit(cmd, stdout=base / "stdout", stderr=base / "stderr", cwd=root, env=env), base
+
+
+@pytest.mark.background(start=compiles)
+def test_triton_kernels_compile_for_sm80_and_sm90_without_spills():
+    job, base = compiles()
+    assert job.wait(timeout=1200) == 0, (base / "stderr").read_text()[-4000:]
+    reports = [json.loads(line) for line in (base / "stdout").read_text().splitlines() if line.startswith("{")]
     print("\n".join(f"{r['arch']} {r['kernel']} {r['switches']}: {r['registers']} registers, "
                     f"spills {r['spill_stores']}/{r['spill_loads']} B" for r in reports))  # fmt: skip
     for arch in ("sm_80", "sm_90a"):
