@@ -71,6 +71,12 @@ class Job:
             raise subprocess.TimeoutExpired(self.cmd, timeout)
         return self.returncode
 
+    def succeed(self, timeout: float) -> None:
+        """Waits, and fails the calling test with the tail of the job's errors (or output) unless it exited 0."""
+        if self.wait(timeout) != 0:
+            log = (self.stderr or self.stdout).read_text()[-4000:]
+            raise AssertionError(f"{self.cmd} exited {self.returncode}:\n{log}")
+
 
 class Queue:
     """Runs its jobs in order, one at a time until a test waits for one, then two at a time."""

@@ -2,9 +2,8 @@
 ``triton_interpreter``). Tests whose work is a child process are marked ``background(start=f)``:
 when such a test is selected, ``f()`` queues its process at collection (``background``: one at a
 time, at the lowest priority), and the marked tests run last, so that their processes use the core
-the rest of the suite leaves idle: the nvcc builds of ``cuda_build``, the just-in-time build of
-``test_extension``, the distillation study of ``test_study`` and the GPU compiles of
-``test_triton_gpu_compile`` (about 170 CPU seconds here in all)."""
+the rest of the suite leaves idle (the nvcc builds, the just-in-time build, the gloo group, the
+study, the Triton GPU compiles, the extras probe: about 150 CPU seconds here in all)."""
 
 import os
 import random

@@ -91,9 +91,8 @@ def start() -> None:
 @functools.cache
 def build(source: str, arch: str) -> Build:
     job, out = _started()[source, arch]
-    returncode = job.wait(timeout=1800)
+    job.succeed(timeout=1800)
     log = (out / "log").read_text()
-    assert returncode == 0, log[-4000:]
     ptx = (out / f"{Path(source).stem}.ptx").read_text()
     text = None
     if NVDISASM is not None:
@@ -105,8 +104,6 @@ def build(source: str, arch: str) -> Build:
 def front_end(source: str) -> str:
     """The log of the front-end check of every kernel of ``source`` (fails the caller on an error)."""
     job, out = _started()[source, "front end"]
-    returncode = job.wait(timeout=1800)
-    log = (out / "log").read_text()
-    assert returncode == 0, log[-4000:]
-    return log
+    job.succeed(timeout=1800)
+    return (out / "log").read_text()
 

@@ -6,6 +6,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from . import background
 
 
@@ -69,5 +71,8 @@ def test_a_job_that_cannot_start_ends_and_says_why(tmp_path):
     job = queue.submit(["true"], stdout=tmp_path / "out", cwd=tmp_path / "missing")
     assert job.wait(timeout=30) == 127
     assert "could not start" in (tmp_path / "out").read_text()
+    with pytest.raises(AssertionError, match="exited 127:\n.*could not start"):  # the waiting test fails, saying why
+        job.succeed(timeout=30)
     after = queue.submit(["sh", "-c", "echo next"], stdout=tmp_path / "next")  # the queue goes on
-    assert after.wait(timeout=30) == 0 and (tmp_path / "next").read_text() == "next\n"
+    after.succeed(timeout=30)
+    assert (tmp_path / "next").read_text() == "next\n"

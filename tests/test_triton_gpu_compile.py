@@ -40,7 +40,7 @@ def compiles() -> tuple[background.Job, Path]:
 @pytest.mark.background(start=compiles)
 def test_triton_kernels_compile_for_sm80_and_sm90_without_spills():
     job, base = compiles()
-    assert job.wait(timeout=1200) == 0, (base / "stderr").read_text()[-4000:]
+    job.succeed(timeout=1200)
     reports = [json.loads(line) for line in (base / "stdout").read_text().splitlines() if line.startswith("{")]
     print("\n".join(f"{r['arch']} {r['kernel']} {r['switches']}: {r['registers']} registers, "
                     f"spills {r['spill_stores']}/{r['spill_loads']} B" for r in reports))  # fmt: skip
